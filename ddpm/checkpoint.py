@@ -1,0 +1,240 @@
+"""Checkpoints that are complete or absent, and the lock that keeps one run per run directory.
+
+A checkpoint is `<run>/checkpoints/step-00001234/`: weights as safetensors, the optimizer and the
+RNG states as tensors-only torch files (loaded with weights_only=True), `state.json` with the
+step and data position, and `manifest.json` with the size and SHA-256 of every file, written last.
+It is built in a temporary directory and renamed into place, so a crash leaves either the whole
+checkpoint or none; a checkpoint corrupted later fails its manifest check and resuming falls back
+to the previous one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ddpm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict  # step, epoch, batch, architecture, wandb_run_id, ...
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(self.path / f"{name}.safetensors")
+
+    def torch_state(self, name: str) -> dict:
+        return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=True)
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], torch_states: dict[str, dict],
+                    rank_states: dict[str, dict], state: dict, keep: int, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None) -> Path | None:
+    """Write a checkpoint collectively: every rank saves its own `rank_states` (RNG), rank 0 the rest.
+
+    Every rank must call this at the same step. Returns the final path on rank 0.
+    """
+    final = ckpt_dir / f"{PREFIX}{step:08d}"
+    tmp = ckpt_dir / f".tmp-{PREFIX}{step:08d}"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    failure: OSError | None = None
+    try:
+        for name, value in rank_states.items():
+            torch.save(value, tmp / f"{name}-rank{rank}.pt")
+        if rank == 0:
+            for name, value in tensors.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, tmp / f"{name}.safetensors")
+            for name, value in torch_states.items():
+                torch.save(value, tmp / f"{name}.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    except OSError as e:
+        failure = e
+    barrier()
+    if rank != 0:
+        if failure:
+            raise UserError(f"cannot write checkpoint {final}: {failure}")
+        return None
+    try:
+        if failure:
+            raise failure
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for p in files:
+            _fsync(p)
+        manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync(ckpt_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [c.name for c in _candidates(ckpt_dir) if c != final]
+        kept = f"; the previous checkpoint {previous[0]} is intact" if previous else ""
+        reason = "disk full" if e.errno == errno.ENOSPC else str(e)
+        raise UserError(f"cannot write checkpoint {final} ({reason}){kept}") from None
+    for old in [c for c in _candidates(ckpt_dir)][keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint directories, newest first (temporary ones excluded)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def verify(path: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest (incomplete write)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for name, expected in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"missing file {name}"
+        if p.stat().st_size != expected["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, manifest says {expected['bytes']}"
+        if _sha256(p) != expected["sha256"]:
+            return f"{name} fails its SHA-256 check"
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable state.json ({e})"
+    return None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that passes its manifest check; broken newer ones are named in a warning."""
+    for path in _candidates(ckpt_dir):
+        problem = verify(path)
+        if problem is None:
+            return Checkpoint(path=path, state=json.loads((path / "state.json").read_text()))
+        log.warning("skipping corrupt checkpoint %s: %s", path, problem)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# One live run per run directory.
+
+
+class RunLock:
+    """`<run>/lock.json` holds the owner's host, pid and SLURM job. A second launch is refused with
+    the owner named, unless the owner is gone: its pid is dead on this host, it is an earlier
+    attempt of the same SLURM job (a requeue), or it stopped refreshing the lock for `stale_after` s."""
+
+    def __init__(self, run_dir: Path, stale_after: float = 900.0):
+        self.path = run_dir / "lock.json"
+        self.stale_after = stale_after
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                stale = self._stale_reason(holder)
+                if stale is None:
+                    raise UserError(
+                        f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+                        f"since {holder.get('started')} (lock {self.path}); stop that run, or choose another name=")
+                log.warning("taking over the lock of %s: %s", self.path.parent, stale)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            return
+        raise UserError(f"cannot take the lock {self.path}: another launch is racing for it")
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _stale_reason(self, holder: dict) -> str | None:
+        if not holder:
+            return "the lock file is empty or unreadable"
+        if holder.get("host") == self.owner["host"]:
+            if holder.get("pid") == self.owner["pid"]:
+                return "held by this process"
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return f"pid {holder['pid']} on this host has exited"
+            except (PermissionError, ValueError, KeyError):
+                pass
+        if self.owner["slurm_job_id"] and holder.get("slurm_job_id") == self.owner["slurm_job_id"]:
+            return f"held by an earlier attempt of SLURM job {holder['slurm_job_id']} (requeued)"
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "the lock vanished"
+        if age > self.stale_after:
+            return f"not refreshed for {age:.0f} s"
+        return None
+
+    def refresh(self) -> None:
+        """Heartbeat: the holder touches the lock so other hosts can tell it is alive."""
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self._holder().get("pid") == self.owner["pid"] and self._holder().get("host") == self.owner["host"]:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,300 @@
+"""One typed config tree, loaded from YAML and overridden by dotted `key=value` arguments.
+
+Precedence: command line > YAML > the defaults below. An unknown key, a wrong type or an
+out-of-range value raises ConfigError naming the key before any work starts. The dataclass
+defaults are the default run: the embedded digits dataset at 16 px, small enough to train
+to recognisable samples on a 2-core CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ddpm.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "hf"] = "digits"  # embedded digits, a local image folder, or a Hugging Face dataset
+    path: str = ""                     # folder path, hub dataset name, or a dataset saved with save_to_disk
+    split: str = "train"               # split of a Hugging Face dataset
+    image_column: str = "image"        # column holding the images in a Hugging Face dataset
+    resolution: int = 16               # side of the square training images, in pixels
+    center_crop: bool = True           # crop to a centred square before resizing (else squash)
+    random_flip: bool = False          # random horizontal flip per batch (off for digits: mirrored digits are not digits)
+    on_bad_image: Literal["error", "skip"] = "error"  # corrupt file: stop naming it, or skip and count it
+    cache_dir: str = ""                # decoded-image cache; "" means $DDPM_CACHE or ~/.cache/ddpm
+    shard_size: int = 8192             # images per memory-mapped cache shard
+    max_image_pixels: int = 89_478_485  # larger images are refused undecoded (PIL's decompression-bomb limit)
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per resolution level; each level but the last halves the size
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 2          # ResNet layers per UNet block
+    attention_head_dim: int = 8        # channels per attention head
+    norm_num_groups: int = 32          # GroupNorm groups; must divide every entry of block_out_channels
+    dropout: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "squaredcos_cap_v2"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4                   # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100            # optimizer steps of linear warm-up
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
+    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999          # upper bound of the EMA decay
+    ema_power: float = 0.75            # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64               # images per process per micro-step
+    grad_accum: int = 1                # micro-steps per optimizer step
+    epochs: int = 80                   # passes over the data; ignored when max_steps > 0
+    max_steps: int = 0                 # optimizer steps; 0 means epochs decide
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA with bf16, CPU with AMX), else fp32
+    gradient_checkpointing: bool = False
+    compile: bool = False              # torch.compile the UNet
+    log_every: int = 50                # optimizer steps between host syncs for loss/grad-norm logging
+    checkpoint_every: int = 500        # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2          # newest checkpoints kept on disk
+    sample_every: int = 1000           # optimizer steps between sample grids; 0: only at the end
+    sample_images: int = 64            # images in a sample grid (fixed seeds 0..n-1)
+    sample_scheduler: str = "dpmsolver++"  # sampler for the grids
+    sample_steps: int = 25             # sampler steps for the grids
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True                 # log to Weights & Biases (offline when no API key is set)
+    project: str = "ddpm"
+    entity: str = ""                   # W&B team or user; "" uses the account default
+    group: str = ""                    # "" uses the run name's experiment (config file stem)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Config:
+    name: str = ""                     # run directory name under runs_dir; "" derives it from the data and resolution
+    runs_dir: str = "runs"
+    seed: int = 0                      # seeds model init, data order, noise and timesteps
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        base = {"digits": "digits", "folder": Path(self.data.path).name, "hf": self.data.path.rstrip("/").split("/")[-1]}
+        return f"{base[self.data.source] or 'data'}-{self.data.resolution}px"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overriding, validating.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
+    """Build a config of type `cls` from an optional YAML file and dotted `key=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=32)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node[parts[-1]] = value
+    cfg = _build(cls, tree, prefix="")
+    validate = getattr(cfg, "validate", None) or (validate_config if cls is Config else None)
+    if validate:
+        validate(cfg)
+    return cfg
+
+
+def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in tree:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key!r}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in tree.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} is a section; give its keys, e.g. {prefix}{name}.{next(iter(fields_of(kind)))}=...")
+            kwargs[name] = _build(kind, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def fields_of(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not fit {kind}")
+    if origin is tuple:
+        args = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {kind}")
+
+
+DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
+UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpsampleBlock2D")
+
+
+def validate_config(cfg: Config) -> None:
+    """Range and consistency checks that the types alone cannot express."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    d, m, o, t, s = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.schedule
+    need(d.source == "digits" or bool(d.path), f"data.path is required when data.source is {d.source!r}")
+    need(d.resolution >= 8, f"data.resolution must be at least 8, got {d.resolution}")
+    need(d.shard_size > 0, f"data.shard_size must be positive, got {d.shard_size}")
+    levels = len(m.block_out_channels)
+    need(levels >= 1, "model.block_out_channels needs at least one entry")
+    need(len(m.down_block_types) == levels, f"model.down_block_types has {len(m.down_block_types)} entries, block_out_channels {levels}")
+    need(len(m.up_block_types) == levels, f"model.up_block_types has {len(m.up_block_types)} entries, block_out_channels {levels}")
+    for name in m.down_block_types:
+        need(name in DOWN_BLOCKS, f"model.down_block_types: {name!r} is not one of {', '.join(DOWN_BLOCKS)}")
+    for name in m.up_block_types:
+        need(name in UP_BLOCKS, f"model.up_block_types: {name!r} is not one of {', '.join(UP_BLOCKS)}")
+    for c in m.block_out_channels:
+        need(c > 0 and c % m.norm_num_groups == 0, f"model.block_out_channels: {c} is not a positive multiple of model.norm_num_groups={m.norm_num_groups}")
+    factor = 2 ** (levels - 1)  # every level but the last halves the resolution
+    need(d.resolution % factor == 0, f"data.resolution={d.resolution} is not divisible by {factor}, the UNet's downsampling factor ({levels} levels)")
+    need(m.layers_per_block >= 1, f"model.layers_per_block must be at least 1, got {m.layers_per_block}")
+    need(m.attention_head_dim >= 1, f"model.attention_head_dim must be positive, got {m.attention_head_dim}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(s.num_train_timesteps >= 2, f"schedule.num_train_timesteps must be at least 2, got {s.num_train_timesteps}")
+    need(0 < s.beta_start < s.beta_end < 1, f"schedule.beta_start and beta_end must satisfy 0 < start < end < 1, got {s.beta_start}, {s.beta_end}")
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be non-negative, got {o.weight_decay}")
+    need(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {o.betas}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be non-negative, got {o.warmup_steps}")
+    need(o.grad_clip >= 0, f"optim.grad_clip must be non-negative, got {o.grad_clip}")
+    need(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    need(o.ema_power > 0, f"optim.ema_power must be positive, got {o.ema_power}")
+    need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
+    need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
+    need(t.max_steps >= 0, f"train.max_steps must be non-negative, got {t.max_steps}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_images", "sample_steps"):
+        need(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    need(t.sample_every >= 0, f"train.sample_every must be non-negative, got {t.sample_every}")
+    from ddpm.sample import SAMPLERS  # local: sample.py imports diffusers
+
+    need(t.sample_scheduler in SAMPLERS, f"train.sample_scheduler: {t.sample_scheduler!r} is not one of {', '.join(SAMPLERS)}")
+    need("/" not in cfg.run_name and cfg.run_name not in (".", ".."), f"name: {cfg.run_name!r} is not a valid directory name")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict with lists for tuples: what YAML, JSON and W&B store."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,349 @@
+"""Training images: decoded and resized once into a memory-mapped uint8 cache, then served as batches.
+
+Sources: the embedded digits (scikit-learn's 1,797 handwritten 8x8 digits, no network), a local
+folder of images in any format PIL reads, or a Hugging Face dataset (hub name or save_to_disk
+folder). Each source is decoded once into `<cache>/<key>/shard-*.npy` (N, H, W, 3) uint8, where
+the key hashes the source, the resolution and the preprocessing; later epochs and runs memory-map
+the shards, so a dataset larger than RAM streams from disk and a rank reads only its own batches.
+Flip and scaling to [-1, 1] happen per batch on the training device (`to_model_input`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
+
+from ddpm.config import DataConfig
+from ddpm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when decoding or resizing changes, so old caches are not reused
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga", ".ico"}
+
+
+class BadImageError(UserError):
+    """An image file that cannot be decoded, or that is refused (too large)."""
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")) / "datasets"
+
+
+# --------------------------------------------------------------------------------------
+# Decoding one image.
+
+
+def decode_image(read: Callable[[], Image.Image], name: str, resolution: int, center_crop: bool, max_pixels: int) -> tuple[np.ndarray, bool]:
+    """Decode to an RGB (resolution, resolution, 3) uint8 array; returns it and whether it was upsampled."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = read()
+            w, h = im.size
+            if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+                raise BadImageError(f"{name}: {w}x{h} pixels exceeds data.max_image_pixels={max_pixels} (decompression-bomb guard)")
+            if getattr(im, "is_animated", False):
+                im.seek(0)  # animated GIF/WebP: the first frame
+            if im.format == "JPEG":
+                im.draft("RGB", (resolution, resolution))  # decode huge JPEGs at a reduced scale
+            im.load()
+            rgb = _to_rgb(im)
+    except BadImageError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt, truncated or unsupported files
+        raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    w, h = rgb.size
+    upsampled = min(w, h) < resolution
+    if center_crop:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        rgb = rgb.crop((left, top, left + side, top + side))
+    rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8), upsampled
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16/32-bit grayscale: rescale, don't clip
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent areas become white, not black
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------
+# Sources: each yields (name, read) pairs; read() opens the image lazily.
+
+
+def _digits_source() -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images  # (1797, 8, 8) floats in 0..16, shipped inside scikit-learn
+    # Ink is dark on white, as on paper; the 8x8 digits are bold strokes with a blank border.
+    pixels = (255 - np.clip(digits * 16, 0, 255)).astype(np.uint8)
+    items = [(f"digits[{i}]", (lambda a=a: Image.fromarray(a, "L"))) for i, a in enumerate(pixels)]
+    return {"source": "digits", "count": len(items)}, items
+
+
+def _folder_source(path: str) -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"data.path: folder {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data.path: {root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"data.path: folder {root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    # The fingerprint changes when a file is added, removed or rewritten, so the cache is rebuilt.
+    fingerprint = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        fingerprint.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    spec = {"source": "folder", "path": str(root.resolve()), "files": fingerprint.hexdigest()}
+    return spec, [(str(p), (lambda p=p: Image.open(p))) for p in files]
+
+
+def _hf_source(cfg: DataConfig) -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
+    import datasets
+
+    local = Path(cfg.path).expanduser()
+    try:
+        if local.is_dir():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise UserError(f"data.split: {cfg.split!r} is not in {local} (splits: {', '.join(ds)})")
+                ds = ds[cfg.split]
+            spec = {"source": "hf", "path": str(local.resolve()), "fingerprint": ds._fingerprint}
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+            spec = {"source": "hf", "path": cfg.path, "split": cfg.split, "fingerprint": ds._fingerprint}
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise UserError(f"data.path: dataset {cfg.path!r} not found locally or on the Hub ({e})") from None
+    except Exception as e:  # datasets raises many types: offline, missing split, bad repo id
+        raise UserError(f"data.path: cannot load dataset {cfg.path!r} split {cfg.split!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if cfg.image_column not in ds.column_names:
+        raise UserError(f"data.image_column: {cfg.image_column!r} is not a column of {cfg.path} (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise UserError(f"data.path: dataset {cfg.path!r} split {cfg.split!r} is empty")
+    spec["split"], spec["column"] = cfg.split, cfg.image_column
+    feature = ds.features[cfg.image_column]
+    if isinstance(feature, datasets.Image):  # decode ourselves, so a corrupt row is named and handled
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+
+    def reader(i: int) -> Callable[[], Image.Image]:
+        def read() -> Image.Image:
+            value = ds[i][cfg.image_column]
+            if isinstance(value, Image.Image):
+                return value
+            if isinstance(value, dict):
+                return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            raise BadImageError(f"column {cfg.image_column!r} holds {type(value).__name__}, not images")
+
+        return read
+
+    return spec, [(f"{cfg.path}[{cfg.split}][{i}]", reader(i)) for i in range(len(ds))]
+
+
+def _source(cfg: DataConfig) -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
+    if cfg.source == "digits":
+        return _digits_source()
+    if cfg.source == "folder":
+        return _folder_source(cfg.path)
+    return _hf_source(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# The cache.
+
+
+@dataclass
+class ImageCache:
+    """Memory-mapped (N, H, W, 3) uint8 shards; `take` gathers any set of rows."""
+
+    path: Path
+    shards: list[np.ndarray]
+    meta: dict
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    @property
+    def resolution(self) -> int:
+        return self.meta["resolution"]
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Rows in the given order; each shard is read with sorted indices, touching only those pages."""
+        size = self.meta["shard_size"]
+        out = np.empty((len(indices), self.resolution, self.resolution, 3), dtype=np.uint8)
+        shard_of = indices // size
+        for s in np.unique(shard_of):
+            where = np.nonzero(shard_of == s)[0]
+            rows = indices[where] - s * size
+            order = np.argsort(rows)
+            out[where[order]] = self.shards[s][rows[order]]
+        return out
+
+
+def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
+    """Open the cache for this source and preprocessing, building it first if it is missing."""
+    Image.MAX_IMAGE_PIXELS = max(cfg.max_image_pixels, 1)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey band
+    spec, items = _source(cfg)
+    key_fields = dict(spec, resolution=cfg.resolution, center_crop=cfg.center_crop, on_bad_image=cfg.on_bad_image,
+                      max_image_pixels=cfg.max_image_pixels, version=CACHE_VERSION)
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root(cfg) / f"{spec['source']}-{cfg.resolution}px-{key}"
+    if not (path / "meta.json").is_file():
+        _build_cache(path, items, cfg, key_fields, show_progress)
+    meta = json.loads((path / "meta.json").read_text())
+    shards = [np.load(path / f"shard-{i:05d}.npy", mmap_mode="r") for i in range(meta["num_shards"])]
+    return ImageCache(path=path, shards=shards, meta=meta)
+
+
+def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, show_progress: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    res, size = cfg.resolution, cfg.shard_size
+    buffer = np.empty((min(size, len(items)), res, res, 3), dtype=np.uint8)
+    filled, count, num_shards, upsampled = 0, 0, 0, 0
+    skipped: list[str] = []
+
+    def decode(item: tuple[str, Callable]) -> tuple[str, np.ndarray | None, bool | str]:
+        name, read = item
+        try:
+            array, up = decode_image(read, name, res, cfg.center_crop, cfg.max_image_pixels)
+            return name, array, up
+        except BadImageError as e:
+            return name, None, str(e)
+
+    def flush() -> None:
+        nonlocal filled, num_shards
+        np.save(tmp / f"shard-{num_shards:05d}.npy", buffer[:filled])
+        num_shards, filled = num_shards + 1, 0
+
+    try:
+        # Threads: PIL releases the GIL while decoding and resizing.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            progress = tqdm(pool.map(decode, items), total=len(items), desc=f"caching {key_fields['source']} at {res}px",
+                            unit="img", disable=not show_progress, mininterval=1.0)
+            for name, array, status in progress:
+                if array is None:
+                    if cfg.on_bad_image == "error":
+                        raise BadImageError(f"{status} (set data.on_bad_image=skip to skip bad files)")
+                    skipped.append(status)
+                    continue
+                upsampled += bool(status)
+                buffer[filled] = array
+                filled, count = filled + 1, count + 1
+                if filled == size:
+                    flush()
+        if filled:
+            flush()
+        if count == 0:
+            raise UserError(f"data: no usable image in {key_fields.get('path', key_fields['source'])} ({len(skipped)} skipped as bad)")
+        meta = dict(key_fields, count=count, shard_size=size, num_shards=num_shards, skipped=skipped, upsampled=upsampled)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.rename(path)  # atomic: a cache directory is complete or absent
+        except OSError:
+            if not (path / "meta.json").is_file():  # another process won the race with a complete cache: use it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if upsampled:
+        log.warning("%d of %d images are smaller than %dpx and were upsampled", upsampled, count, res)
+    if skipped:
+        log.warning("skipped %d bad images (listed in %s/meta.json); first: %s", len(skipped), path, skipped[0])
+
+
+# --------------------------------------------------------------------------------------
+# Batches.
+
+
+class BatchOrder:
+    """Deterministic, resumable batch order: epoch e is a permutation drawn from (seed, e);
+    rank r of w takes batch slots r, r + w, ... so ranks read disjoint rows. The position
+    (epoch, batch) is all that resuming needs: nothing before it is read again."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = num_images // (batch_size * world_size)  # drop_last, on every rank alike
+        if self.batches_per_epoch == 0:
+            raise UserError(f"dataset has {num_images} images, fewer than one batch of train.batch_size={batch_size} x {world_size} processes")
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def indices(self, epoch: int, batch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+            self._epoch = epoch
+        start = (batch * self.world_size + self.rank) * self.batch_size
+        return self._perm[start:start + self.batch_size]
+
+    def positions(self, epoch: int, batch: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch) from the given position onwards, forever."""
+        while True:
+            for b in range(batch, self.batches_per_epoch):
+                yield epoch, b
+            epoch, batch = epoch + 1, 0
+
+
+class BatchLoader:
+    """Yields uint8 host batches from the cache, reading the next one in a background thread."""
+
+    def __init__(self, cache: ImageCache, order: BatchOrder, epoch: int, batch: int, pin_memory: bool):
+        self.cache, self.order, self.pin_memory = cache, order, pin_memory
+        self._positions = order.positions(epoch, batch)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._next = self._pool.submit(self._read, next(self._positions))
+
+    def _read(self, position: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor]:
+        batch = torch.from_numpy(self.cache.take(self.order.indices(*position)))
+        return position, (batch.pin_memory() if self.pin_memory else batch)
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> tuple[tuple[int, int], torch.Tensor]:
+        result = self._next.result()
+        self._next = self._pool.submit(self._read, next(self._positions))
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def to_model_input(batch: torch.Tensor, device: torch.device, random_flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on the host -> float (B, 3, H, W) in [-1, 1] on the device, flipped at random."""
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if random_flip:
+        flip = torch.rand(x.shape[0], 1, 1, 1, device=device, generator=generator) < 0.5
+        x = torch.where(flip, x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,116 @@
+"""Sampling: reverse diffusion with any diffusers scheduler that fits an unconditional UNet.
+
+Every image has its own generator seeded by its seed, so image k is the same whatever the batch
+size, the device or the number of processes: that is what makes grids comparable across runs
+and sweeps. Noise is drawn on the CPU and then moved, so a seed gives the same start on any device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddpm.errors import UserError
+
+# name -> (scheduler class, settings on top of the trained noise schedule)
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {}),                                              # Ho et al. 2020, ancestral, ~1000 steps
+    "ddim": (DDIMScheduler, {}),                                              # Song et al. 2021, deterministic
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # Lu et al. 2022, 2nd order multistep
+    "dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver"}),
+    "dpmsolver-singlestep": (DPMSolverSinglestepScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),                                   # Zhao et al. 2023
+    "deis": (DEISMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),                                    # Karras et al. 2022, Algorithm 2 without churn
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),                                      # two model calls per step
+    "lms": (LMSDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "kdpm2": (KDPM2DiscreteScheduler, {}),
+    "kdpm2-ancestral": (KDPM2AncestralDiscreteScheduler, {}),
+}
+
+
+def make_sampler(name: str, trained: SchedulerMixin) -> SchedulerMixin:
+    """A sampler of the given name on the noise schedule the model was trained with."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    cls, extra = SAMPLERS[name]
+    return cls.from_config(trained.config, **extra)
+
+
+@torch.no_grad()
+def generate(unet: UNet2DModel, sampler: SchedulerMixin, seeds: list[int], steps: int, batch_size: int,
+             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+             progress: bool = False) -> np.ndarray:
+    """Images for the given seeds, as (N, H, W, 3) uint8."""
+    device = torch.device(device)
+    res, channels = unet.config.sample_size, unet.config.in_channels
+    takes_generator = "generator" in inspect.signature(sampler.step).parameters
+    out = []
+    bar = tqdm(total=len(seeds) * steps, desc=f"sampling {len(seeds)} images", unit="step", disable=not progress, mininterval=1.0)
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
+        sampler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
+        x = randn_tensor((len(chunk), channels, res, res), generator=generators, device=device, dtype=torch.float32)
+        x = x * sampler.init_noise_sigma
+        for t in sampler.timesteps:
+            model_in = sampler.scale_model_input(x, t)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                pred = unet(model_in, t).sample
+            kwargs = {"generator": generators} if takes_generator else {}
+            x = sampler.step(pred.float(), t, x, **kwargs).prev_sample
+            bar.update(len(chunk))
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    bar.close()
+    return np.concatenate(out)
+
+
+def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2) -> Image.Image:
+    """A square-ish grid, each cell upscaled (nearest) to at least `min_cell` pixels so small images stay legible."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    ch, cw = h * scale, w * scale
+    grid = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + pad) + pad), (255, 255, 255))
+    for i, img in enumerate(images):
+        cell = Image.fromarray(img).resize((cw, ch), Image.Resampling.NEAREST)
+        grid.paste(cell, (pad + (i % cols) * (cw + pad), pad + (i // cols) * (ch + pad)))
+    return grid
+
+
+def save_images(images: np.ndarray, seeds: list[int], out_dir: Path) -> Path:
+    """One PNG per image named by its seed, plus grid.png; returns the grid's path."""
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for img, seed in zip(images, seeds):
+        Image.fromarray(img).save(image_dir / f"seed-{seed:06d}.png")
+    grid_path = out_dir / "grid.png"
+    make_grid(images).save(grid_path)
+    return grid_path

@@ -1,0 +1,102 @@
+"""Run tracking: a local JSON-lines metrics file always, Weights & Biases when enabled.
+
+W&B runs offline when no API key is set (WANDB_MODE, when set, wins). The run id is stored in
+the run directory, so a resumed or requeued run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import secrets
+import string
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ddpm.config import TrackingConfig
+
+
+def wandb_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+        if netrc.netrc().authenticators(host):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def run_metadata() -> dict[str, Any]:
+    """Where and from what code a run ran: goes into the W&B config so runs line up in comparisons."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return {"git_sha": os.environ.get("DDPM_GIT_SHA", sha), "host": socket.gethostname(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST", "")}
+
+
+class Tracker:
+    """Logs from the main process only; other ranks get a tracker that does nothing."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict, job_type: str = "train",
+                 group: str = "", enabled: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.run = None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        _truncate_after(self.metrics_path, resume_step)  # a resumed run rewrites the steps after its checkpoint
+        if not cfg.wandb:
+            return
+        import wandb
+
+        id_path = run_dir / "wandb_run_id"
+        run_id = id_path.read_text().strip() if id_path.is_file() else _new_run_id()
+        id_path.write_text(run_id)
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity or None, group=cfg.group or group or None, job_type=job_type,
+            name=run_name, id=run_id, resume="allow", dir=str(run_dir), config=config, tags=list(cfg.tags),
+            mode=wandb_mode(), settings=wandb.Settings(console="off", quiet=True),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))

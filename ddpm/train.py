@@ -1,0 +1,258 @@
+"""The training loop: one function, on accelerate, the same for one CPU process and many GPU ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from diffusers import DDPMPipeline
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import RunLock, latest_checkpoint, save_checkpoint
+from ddpm.config import Config, dump_yaml, to_dict
+from ddpm.data import BatchLoader, BatchOrder, open_cache, to_model_input
+from ddpm.errors import RunStopped, UserError
+from ddpm.export import export_pipeline
+from ddpm.model import architecture, build_unet
+from ddpm.sample import generate, make_grid, make_sampler
+from ddpm.schedule import NoiseProcess, build_scheduler
+from ddpm.tracking import Tracker, run_metadata
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(setting: str) -> str:
+    """'auto' picks bf16 where it is fast: CUDA GPUs that have it, CPUs with AMX; fp16 on older GPUs."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        has_amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        has_amx = False
+    return "bf16" if has_amx else "no"
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Linear warm-up over `warmup` optimizer steps, then cosine to zero at `total` or constant.
+    Counted in optimizer steps, so accumulation and the number of processes do not stretch it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR2 (SLURM's warning before a time limit or preemption) asks for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def train(cfg: Config) -> Path:
+    """Train (or resume) the run `cfg.run_dir`; returns the exported pipeline's directory."""
+    run_dir, t = cfg.run_dir, cfg.train
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(t.mixed_precision),
+        gradient_accumulation_steps=t.grad_accum,
+        # Ranks other than 0 wait for the data cache that rank 0 builds: give them time.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
+    )
+    device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    lock = RunLock(run_dir)
+    if is_main:
+        lock.acquire()
+    accelerator.wait_for_everyone()
+    stop = StopRequest()
+    stop.install()
+    try:
+        return _train(cfg, accelerator, lock, stop)
+    finally:
+        if is_main:
+            lock.release()
+
+
+def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopRequest) -> Path:
+    run_dir, t, o = cfg.run_dir, cfg.train, cfg.optim
+    device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+    # Data: rank 0 decodes the source once into the cache; the other ranks then map it.
+    with accelerator.main_process_first():
+        cache = open_cache(cfg.data, show_progress=is_main)
+    order = BatchOrder(len(cache), t.batch_size, cfg.seed, rank, world)
+    steps_per_epoch = order.batches_per_epoch // t.grad_accum
+    if t.max_steps == 0 and steps_per_epoch == 0:
+        raise UserError(f"one epoch of {order.batches_per_epoch} batches is less than train.grad_accum={t.grad_accum}; lower it or set train.max_steps")
+    total = t.max_steps or t.epochs * steps_per_epoch
+    images_per_step = t.batch_size * t.grad_accum * world  # e.g. 64 x 1 x 1 = 64 images per optimizer step
+
+    # Model, noise, optimizer, EMA. Same seed on every rank, so every rank starts from the same weights.
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg.model, cfg.data.resolution)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device, memory_format=torch.channels_last)
+    scheduler = build_scheduler(cfg.schedule)
+    noise = NoiseProcess(scheduler, device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"))
+    ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=o.ema_power, foreach=True)
+    param_names = [name for name, _ in unet.named_parameters()]
+    generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
+    model = torch.compile(unet) if t.compile else unet
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # Resume from the newest complete checkpoint, if there is one.
+    ckpt_dir = run_dir / "checkpoints"
+    step, epoch, batch = 0, 0, 0
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        theirs, ours = latest.state["architecture"], architecture(unet)
+        if theirs != ours:
+            diff = ", ".join(f"{k}: {theirs.get(k)} != {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k))
+            raise UserError(f"checkpoint {latest.path} was trained with a different model config ({diff}); use another name= or the old config")
+        unet.load_state_dict(latest.tensors("unet"))
+        ema_weights = latest.tensors("ema")
+        ema.shadow_params = [ema_weights[n].to(device) for n in param_names]
+        ema.optimization_step = latest.state["ema_step"]
+        optimizer.load_state_dict(latest.torch_state("optimizer"))
+        rng_file = latest.path / f"rng-rank{rank}.pt"
+        if rng_file.is_file() and latest.state["world_size"] == world:
+            generator.set_state(torch.load(rng_file, weights_only=True)["generator"])
+        else:
+            log.warning("resuming with %d processes from a checkpoint of %d: noise streams restart from the seed", world, latest.state["world_size"])
+        step, epoch, batch = latest.step, latest.state["epoch"], latest.state["batch"]
+        if latest.state["batch_size"] * latest.state["world_size"] != t.batch_size * world:
+            epoch, batch = epoch + (batch > 0), 0  # a different global batch cannot continue mid-epoch: start the next one
+        if is_main:
+            log.info("resuming %s from %s (step %d of %d)", run_dir, latest.path.name, step, total)
+
+    # Record the resolved config next to the outputs; W&B gets it too.
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    run_info = {**to_dict(cfg), "run": {**run_metadata(), "world_size": world, "mixed_precision": accelerator.mixed_precision,
+                                        "total_steps": total, "images_per_step": images_per_step, "dataset_images": len(cache)}}
+    group = Path(cfg.run_name).name
+    tracker = Tracker(cfg.tracking, run_dir, cfg.run_name, run_info, group=group, enabled=is_main, resume_step=step)
+    sample_unet = build_unet(cfg.model, cfg.data.resolution).to(device).eval() if is_main else None
+    sampler = make_sampler(t.sample_scheduler, scheduler)
+
+    def sample_grid(tag: str) -> Path:
+        """A grid from the EMA weights with seeds 0..n-1, the same noise in every run."""
+        ema.copy_to(sample_unet.parameters())
+        images = generate(sample_unet, sampler, list(range(t.sample_images)), t.sample_steps, batch_size=64, device=device,
+                          autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None)
+        path = run_dir / "samples" / f"{tag}.png"
+        path.parent.mkdir(exist_ok=True)
+        make_grid(images).save(path)
+        tracker.log_image("samples", path, step, caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}")
+        return path
+
+    def checkpoint() -> None:
+        state = {"step": step, "epoch": epoch, "batch": batch, "world_size": world, "batch_size": t.batch_size,
+                 "ema_step": ema.optimization_step, "architecture": architecture(unet), "seed": cfg.seed}
+        save_checkpoint(ckpt_dir, step, keep=t.keep_checkpoints, rank=rank, barrier=accelerator.wait_for_everyone,
+                        tensors={"unet": unet.state_dict(), "ema": dict(zip(param_names, ema.shadow_params))},
+                        torch_states={"optimizer": optimizer.state_dict()},
+                        rank_states={"rng": {"generator": generator.get_state()}}, state=state)
+
+    loader = BatchLoader(cache, order, epoch, batch, pin_memory=device.type == "cuda")
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = torch.zeros((), device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=step, desc=cfg.run_name, unit="step", disable=not is_main, dynamic_ncols=True, mininterval=2.0)
+    model.train()
+    stopped_early = False
+    while step < total:
+        # Accumulate gradients over grad_accum micro-batches; DDP syncs only on the last one.
+        for g in optimizer.param_groups:
+            g["lr"] = o.lr * lr_factor(step, o.warmup_steps, total, o.lr_schedule)
+        for _ in range(t.grad_accum):
+            (epoch, batch), images = next(loader)
+            x0 = to_model_input(images, device, cfg.data.random_flip, generator)
+            eps = torch.randn(x0.shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
+            timesteps = noise.sample_timesteps(x0.shape[0], device, generator)
+            with accelerator.accumulate(model):
+                pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
+                loss = F.mse_loss(pred.float(), noise.target(x0, eps, timesteps))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and o.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        step += 1
+        window_steps += 1
+        epoch, batch = (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)  # the next position to read
+
+        # Update EMA (only here, on real optimizer steps).
+        ema.step(unet.parameters())
+        bar.update(1)
+
+        # Log: the only host sync, every log_every steps.
+        if step % t.log_every == 0 or step == total:
+            mean_loss = accelerator.reduce(loss_sum, "mean").item() / (window_steps * t.grad_accum)
+            stop_votes = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item()
+            elapsed = time.perf_counter() - window_start
+            metrics = {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                       "images_per_sec": window_steps * images_per_step / elapsed, "epoch": step / max(steps_per_epoch, 1)}
+            tracker.log(metrics, step)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+            loss_sum.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+            if is_main:
+                lock.refresh()
+            if stop_votes > 0:
+                stopped_early = True
+                if is_main:
+                    log.warning("stop requested (%s): writing a checkpoint at step %d", stop.signal_name or "another rank", step)
+                checkpoint()
+                break
+
+        # Sample grid from the EMA weights, with fixed seeds.
+        if is_main and t.sample_every and step % t.sample_every == 0 and step != total:
+            sample_grid(f"step-{step:08d}")
+
+        # Save a checkpoint.
+        if step % t.checkpoint_every == 0 or step == total:
+            checkpoint()
+    bar.close()
+    loader.close()
+
+    # Export the EMA weights as a DDPMPipeline, and the final grid.
+    export_dir = run_dir / "pipeline"
+    if is_main and not stopped_early:
+        ema.copy_to(sample_unet.parameters())
+        export_pipeline(DDPMPipeline(unet=sample_unet, scheduler=scheduler), export_dir)
+        grid = sample_grid(f"step-{step:08d}")
+        (run_dir / "summary.json").write_text(json.dumps({"steps": step, "pipeline": str(export_dir), "grid": str(grid)}, indent=1))
+        log.info("exported %s; final grid %s", export_dir, grid)
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if stopped_early:
+        raise RunStopped(f"stopped at step {step} of {total} on request ({stop.signal_name or 'signal on another rank'}); the checkpoint is saved, rerun to resume")
+    return export_dir

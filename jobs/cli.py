@@ -1,0 +1,87 @@
+"""The `ddpm` console script: parses a command line and dispatches to a job's `run(cfg)`.
+
+    ddpm train [--config FILE] [--dry-run] [key=value ...]
+    ddpm sample --pipeline DIR [--scheduler NAME] [--steps N] [--num-images N] [--seed S] ...
+
+A user mistake (bad config, missing data, a run directory in use, ...) is printed as one line
+on stderr with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ddpm.errors import RunStopped, UserError
+
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3  # checkpoint written on SIGTERM/SIGUSR2; rerun (or requeue) to resume
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpm", description="Train, sample and publish DDPM image models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train (or resume) a run", description="Train a DDPM; resumes when the run directory has a checkpoint.")
+    tr.add_argument("--config", help="YAML config file (see configs/)")
+    tr.add_argument("--dry-run", action="store_true", help="print the resolved config and the run directory, then exit")
+    tr.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=32 data.resolution=32")
+
+    sa = sub.add_parser("sample", help="sample images from an exported pipeline")
+    sa.add_argument("--pipeline", required=True, help="pipeline directory, e.g. runs/digits-16px/pipeline")
+    sa.add_argument("--scheduler", default="dpmsolver++", help="ddpm, ddim, dpmsolver++, unipc, euler, ... (default: dpmsolver++)")
+    sa.add_argument("--steps", type=int, default=25)
+    sa.add_argument("--num-images", type=int, default=64)
+    sa.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    sa.add_argument("--batch-size", type=int, default=64)
+    sa.add_argument("--out", default="", help="output directory (default: beside the pipeline, under samples/)")
+    sa.add_argument("--device", default="auto")
+    sa.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    return p
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "train":
+            from ddpm.config import load_config
+            from jobs import train as train_job
+
+            cfg = load_config(args.config, args.overrides)
+            print(train_job.describe(cfg), flush=True)
+            if args.dry_run:
+                return 0
+            path = train_job.run(cfg)
+            print(f"pipeline: {path}")
+        elif args.command == "sample":
+            from jobs import sample as sample_job
+
+            cfg = sample_job.SampleConfig(pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, num_images=args.num_images,
+                                          seed=args.seed, batch_size=args.batch_size, out=args.out, device=args.device, precision=args.precision)
+            out = sample_job.run(cfg)
+            print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")
+    except UserError as e:
+        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RunStopped as e:
+        print(f"ddpm {args.command}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print(f"ddpm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
