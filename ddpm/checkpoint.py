@@ -82,7 +82,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    failure: OSError | None = None
+    failure: Exception | None = None
     try:
         for name, value in rank_states.items():
             torch.save(value, tmp / f"{name}-rank{rank}.pt")
@@ -92,16 +92,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
             for name, value in torch_states.items():
                 torch.save(value, tmp / f"{name}.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    except OSError as e:
+    except Exception as e:  # OSError, or safetensors' own error type wrapping one
         failure = e
     barrier()
     if rank != 0:
         if failure:
-            raise UserError(f"cannot write checkpoint {final}: {failure}")
+            raise UserError(f"cannot write checkpoint {final} ({failure})")
         return None
     try:
         if failure:
-            raise failure
+            raise OSError(str(failure))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for p in files:
             _fsync(p)
@@ -116,7 +116,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [c.name for c in _candidates(ckpt_dir) if c != final]
         kept = f"; the previous checkpoint {previous[0]} is intact" if previous else ""
-        reason = "disk full" if e.errno == errno.ENOSPC else str(e)
+        reason = "disk full" if e.errno == errno.ENOSPC or "os error 28" in str(e) else str(e)
         raise UserError(f"cannot write checkpoint {final} ({reason}){kept}") from None
     for old in [c for c in _candidates(ckpt_dir)][keep:]:
         shutil.rmtree(old, ignore_errors=True)
@@ -182,9 +182,19 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The owner is written to a private file first and hard-linked into place: the link fails if a
+        # lock exists, and a lock that exists is always complete (no window where it is empty).
+        mine = self.path.with_name(f".lock-{self.owner['host']}-{self.owner['pid']}")
+        mine.write_text(json.dumps(self.owner))
+        try:
+            self._acquire(mine)
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _acquire(self, mine: Path) -> None:
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(mine, self.path)
             except FileExistsError:
                 holder = self._holder()
                 stale = self._stale_reason(holder)
@@ -195,8 +205,6 @@ class RunLock:
                 log.warning("taking over the lock of %s: %s", self.path.parent, stale)
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
             return
         raise UserError(f"cannot take the lock {self.path}: another launch is racing for it")
 

@@ -74,7 +74,8 @@ class TrainConfig:
     grad_accum: int = 1                # micro-steps per optimizer step
     epochs: int = 80                   # passes over the data; ignored when max_steps > 0
     max_steps: int = 0                 # optimizer steps; 0 means epochs decide
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA with bf16, CPU with AMX), else fp32
+    stop_after: int = 0                # leave (with a checkpoint) after this many steps in this launch; 0: run to the end
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA with bf16, CPU with AMX), else fp32
     gradient_checkpointing: bool = False
     compile: bool = False              # torch.compile the UNet
     log_every: int = 50                # optimizer steps between host syncs for loss/grad-norm logging
@@ -274,6 +275,7 @@ def validate_config(cfg: Config) -> None:
     need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
     need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
     need(t.max_steps >= 0, f"train.max_steps must be non-negative, got {t.max_steps}")
+    need(t.stop_after >= 0, f"train.stop_after must be non-negative, got {t.stop_after}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_images", "sample_steps"):
         need(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     need(t.sample_every >= 0, f"train.sample_every must be non-negative, got {t.sample_every}")

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,18 +52,16 @@ def cache_root(cfg: DataConfig) -> Path:
 def decode_image(read: Callable[[], Image.Image], name: str, resolution: int, center_crop: bool, max_pixels: int) -> tuple[np.ndarray, bool]:
     """Decode to an RGB (resolution, resolution, 3) uint8 array; returns it and whether it was upsampled."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = read()
-            w, h = im.size
-            if w * h > max_pixels:  # checked on the header, before any pixel is decoded
-                raise BadImageError(f"{name}: {w}x{h} pixels exceeds data.max_image_pixels={max_pixels} (decompression-bomb guard)")
-            if getattr(im, "is_animated", False):
-                im.seek(0)  # animated GIF/WebP: the first frame
-            if im.format == "JPEG":
-                im.draft("RGB", (resolution, resolution))  # decode huge JPEGs at a reduced scale
-            im.load()
-            rgb = _to_rgb(im)
+        im = read()
+        w, h = im.size
+        if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+            raise BadImageError(f"{name}: {w}x{h} pixels exceeds data.max_image_pixels={max_pixels} (decompression-bomb guard)")
+        if getattr(im, "is_animated", False):
+            im.seek(0)  # animated GIF/WebP: the first frame
+        if im.format == "JPEG":
+            im.draft("RGB", (resolution, resolution))  # decode huge JPEGs at a reduced scale
+        im.load()
+        rgb = _to_rgb(im)
     except BadImageError:
         raise
     except Exception as e:  # PIL raises many types for corrupt, truncated or unsupported files
@@ -211,15 +208,20 @@ class ImageCache:
 
 def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
     """Open the cache for this source and preprocessing, building it first if it is missing."""
-    Image.MAX_IMAGE_PIXELS = max(cfg.max_image_pixels, 1)
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey band
     spec, items = _source(cfg)
     key_fields = dict(spec, resolution=cfg.resolution, center_crop=cfg.center_crop, on_bad_image=cfg.on_bad_image,
                       max_image_pixels=cfg.max_image_pixels, version=CACHE_VERSION)
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root(cfg) / f"{spec['source']}-{cfg.resolution}px-{key}"
     if not (path / "meta.json").is_file():
-        _build_cache(path, items, cfg, key_fields, show_progress)
+        # decode_image checks the size against data.max_image_pixels itself, on the header, with a message
+        # naming the setting; PIL's own guard would fire first with its own limit, so it is lifted meanwhile.
+        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False  # a truncated file is an error, not a grey band
+        try:
+            _build_cache(path, items, cfg, key_fields, show_progress)
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
     meta = json.loads((path / "meta.json").read_text())
     shards = [np.load(path / f"shard-{i:05d}.npy", mmap_mode="r") for i in range(meta["num_shards"])]
     return ImageCache(path=path, shards=shards, meta=meta)

@@ -41,7 +41,6 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddpm": (DDPMScheduler, {}),                                              # Ho et al. 2020, ancestral, ~1000 steps
     "ddim": (DDIMScheduler, {}),                                              # Song et al. 2021, deterministic
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # Lu et al. 2022, 2nd order multistep
-    "dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver"}),
     "dpmsolver-singlestep": (DPMSolverSinglestepScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),                                   # Zhao et al. 2023
     "deis": (DEISMultistepScheduler, {}),
@@ -60,6 +59,19 @@ def make_sampler(name: str, trained: SchedulerMixin) -> SchedulerMixin:
     if name not in SAMPLERS:
         raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
+    accepts = inspect.signature(cls.__init__).parameters
+    if trained.config.get("clip_sample", False) and "thresholding" in accepts and "clip_sample" not in accepts:
+        # DDPM and DDIM clip their x0 estimate to [-1, 1]; the DPM-Solver family needs the same for pixel-space
+        # models, or its first steps on a cosine schedule (alpha_bar ~ 1e-6 near t = T) amplify the error in the
+        # noise estimate by 1/sqrt(alpha_bar). Thresholding with max value 1 is exactly that clip.
+        extra = {"thresholding": True, "sample_max_value": trained.config.get("clip_sample_range", 1.0), **extra}
+    if trained.config.beta_schedule == "squaredcos_cap_v2":
+        # The cosine schedule ends at alpha_bar(T) ~ 2e-9, sigma ~ 2e4: samplers that start at t = T (linspace
+        # spacing, the sigma-space default) cannot recover from the first step's error there. "leading" starts
+        # one stride below T, as DDPM/DDIM do; lambda_min_clipped is diffusers' documented DPM-Solver setting.
+        extra = {"timestep_spacing": "leading", **extra}
+        if "lambda_min_clipped" in accepts:
+            extra = {"lambda_min_clipped": -5.1, **extra}
     return cls.from_config(trained.config, **extra)
 
 

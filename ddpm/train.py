@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from datetime import timedelta
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(setting: str) -> str:
-    """'auto' picks bf16 where it is fast: CUDA GPUs that have it, CPUs with AMX; fp16 on older GPUs."""
+    """accelerate's name for the precision; 'auto' picks bf16 where it is fast (CUDA GPUs that have it,
+    CPUs with AMX), fp16 on older GPUs, fp32 elsewhere."""
     if setting != "auto":
-        return setting
+        return "no" if setting == "fp32" else setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     try:
@@ -64,17 +66,23 @@ class StopRequest:
         self.signal_name = ""
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
-def train(cfg: Config) -> Path:
-    """Train (or resume) the run `cfg.run_dir`; returns the exported pipeline's directory."""
+def train(cfg: Config) -> Path | None:
+    """Train (or resume) the run `cfg.run_dir`; returns the exported pipeline's directory, or None
+    when the launch ended early at `train.stop_after` (with a checkpoint to resume from)."""
     run_dir, t = cfg.run_dir, cfg.train
     accelerator = Accelerator(
+        # Without a GPU, accelerate only goes multi-process (gloo) when told it runs on CPUs.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=resolve_precision(t.mixed_precision),
         gradient_accumulation_steps=t.grad_accum,
         # Ranks other than 0 wait for the data cache that rank 0 builds: give them time.
@@ -90,11 +98,12 @@ def train(cfg: Config) -> Path:
     try:
         return _train(cfg, accelerator, lock, stop)
     finally:
+        stop.uninstall()
         if is_main:
             lock.release()
 
 
-def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopRequest) -> Path:
+def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopRequest) -> Path | None:
     run_dir, t, o = cfg.run_dir, cfg.train, cfg.optim
     device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
@@ -185,7 +194,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc=cfg.run_name, unit="step", disable=not is_main, dynamic_ncols=True, mininterval=2.0)
     model.train()
-    stopped_early = False
+    stopped_early, signalled = False, False
+    leave_at = step + t.stop_after if t.stop_after else total
     while step < total:
         # Accumulate gradients over grad_accum micro-batches; DDP syncs only on the last one.
         for g in optimizer.param_groups:
@@ -226,7 +236,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             if is_main:
                 lock.refresh()
             if stop_votes > 0:
-                stopped_early = True
+                stopped_early = signalled = True
                 if is_main:
                     log.warning("stop requested (%s): writing a checkpoint at step %d", stop.signal_name or "another rank", step)
                 checkpoint()
@@ -237,8 +247,13 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             sample_grid(f"step-{step:08d}")
 
         # Save a checkpoint.
-        if step % t.checkpoint_every == 0 or step == total:
+        if step % t.checkpoint_every == 0 or step == total or step == leave_at:
             checkpoint()
+        if step == leave_at and step < total:
+            stopped_early = True
+            if is_main:
+                log.info("leaving at step %d of %d (train.stop_after=%d); rerun to resume", step, total, t.stop_after)
+            break
     bar.close()
     loader.close()
 
@@ -253,6 +268,6 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if stopped_early:
+    if signalled:
         raise RunStopped(f"stopped at step {step} of {total} on request ({stop.signal_name or 'signal on another rank'}); the checkpoint is saved, rerun to resume")
-    return export_dir
+    return None if stopped_early else export_dir

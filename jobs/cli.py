@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 return 0
             path = train_job.run(cfg)
-            print(f"pipeline: {path}")
+            print(f"pipeline: {path}" if path else f"stopped early with a checkpoint in {cfg.run_dir / 'checkpoints'}; rerun to resume")
         elif args.command == "sample":
             from jobs import sample as sample_job
 

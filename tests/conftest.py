@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny UNet on 8 px digits, so a whole training run takes seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# No network in tests: the Hub is offline and W&B writes offline run files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = [
+    "model.block_out_channels=[16,32]",
+    "model.down_block_types=[DownBlock2D,AttnDownBlock2D]",
+    "model.up_block_types=[AttnUpBlock2D,UpBlock2D]",
+    "model.layers_per_block=1",
+    "model.norm_num_groups=8",
+    "model.attention_head_dim=8",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One data cache for the whole session: the digits decode once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny(tmp_path, shared_cache):
+    """Overrides for a tiny run in tmp_path; extra key=value strings are appended."""
+
+    def make(*extra: str, name: str = "tiny") -> list[str]:
+        return [
+            f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"data.cache_dir={shared_cache}", "data.resolution=8",
+            *TINY_MODEL,
+            "train.batch_size=16", "train.max_steps=6", "train.log_every=2", "train.checkpoint_every=3",
+            "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2", "train.mixed_precision=fp32",
+            "optim.warmup_steps=2", "tracking.wandb=false", *extra,
+        ]
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real console entry point in a child process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process training run starts clean."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
