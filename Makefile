@@ -7,12 +7,13 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test clean-runs
+.PHONY: help install train sample test bench
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
 	@echo "make test                                                  run the test suite"
 	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with DPM-Solver++"
+	@echo "make bench [ARGS=--quick]                                 speed figures, appended to docs/benchmarks.md"
 
 .uv-boot/bin/uv:
 	$(PYTHON) -m venv .uv-boot
@@ -34,3 +35,9 @@ sample: install
 # The tests need no network: the Hub is offline and W&B writes offline run files.
 test: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true .venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# Speed against the tutorial's way, in one run; the sampling figures need the default model (make train).
+BENCH_OUT ?= docs/benchmarks.md
+bench: install
+	@if [[ "$(ARGS)" != *--quick* && ! -f runs/digits-16px/pipeline/model_index.json ]]; then $(MAKE) train; fi
+	.venv/bin/ddpm bench $(if $(findstring --quick,$(ARGS)),,--out $(BENCH_OUT)) $(ARGS)

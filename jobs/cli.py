@@ -2,6 +2,7 @@
 
     ddpm train [--config FILE] [--dry-run] [key=value ...]
     ddpm sample --pipeline DIR [--scheduler NAME] [--steps N] [--num-images N] [--seed S] ...
+    ddpm bench [--quick] [--out docs/benchmarks.md]
 
 A user mistake (bad config, missing data, a run directory in use, ...) is printed as one line
 on stderr with exit status 2; no traceback.
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", default="", help="output directory (default: beside the pipeline, under samples/)")
     sa.add_argument("--device", default="auto")
     sa.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+    be = sub.add_parser("bench", help="measure training, data and sampling speed against the tutorial's way")
+    be.add_argument("--quick", action="store_true", help="tiny sizes: checks that every stage runs (CI), no speed claims")
+    be.add_argument("--pipeline", default="runs/digits-16px/pipeline", help="trained digits pipeline for the sampling figures")
+    be.add_argument("--out", default="", help="markdown file to append the results to, e.g. docs/benchmarks.md")
+    be.add_argument("--workdir", default="", help="scratch directory (default: a new temporary one)")
     return p
 
 
@@ -71,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                                           seed=args.seed, batch_size=args.batch_size, out=args.out, device=args.device, precision=args.precision)
             out = sample_job.run(cfg)
             print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")
+        elif args.command == "bench":
+            from jobs import bench
+
+            bench.run(bench.BenchConfig(quick=args.quick, pipeline=args.pipeline, out=args.out, workdir=args.workdir))
     except UserError as e:
         print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

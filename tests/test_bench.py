@@ -1,0 +1,17 @@
+"""The benchmark runs end to end in quick mode (what CI checks); speed itself is not asserted here."""
+
+from __future__ import annotations
+
+from jobs.bench import BenchConfig, report, run
+
+
+def test_quick_bench_measures_every_stage(tmp_path):
+    results = run(BenchConfig(quick=True, pipeline=str(tmp_path / "none"), workdir=str(tmp_path)))
+    assert results["data"]["pil_img_s"] > 0 and results["data"]["cached_img_s"] > 0
+    assert results["reference"]["img_s"] > 0 and results["ours"]["img_s"] > 0
+    assert results["ours"]["flops_per_img"] > 1e8  # the tutorial UNet at 32 px: about a GFLOP per image
+    assert [(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]] == [("ddpm", 50), ("ddim", 10), ("dpmsolver++", 10)]
+    assert all(r["fd"] >= 0 and r["s_per_img"] > 0 for r in results["sampling"]["rows"])
+    assert results["data"]["peak_rss_mib"] > 0
+    text = report(results)
+    assert "| training, tutorial UNet 32 px" in text and "| dpmsolver++ | 10 |" in text
