@@ -83,7 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = 2          # newest checkpoints kept on disk
     sample_every: int = 1000           # optimizer steps between sample grids; 0: only at the end
     sample_images: int = 64            # images in a sample grid (fixed seeds 0..n-1)
-    sample_scheduler: str = "dpmsolver++"  # sampler for the grids
+    sample_scheduler: str = "ddim"     # sampler for the grids (see ddpm.sample.SAMPLERS)
     sample_steps: int = 25             # sampler steps for the grids
 
 

@@ -348,4 +348,5 @@ def to_model_input(batch: torch.Tensor, device: torch.device, random_flip: bool,
     if random_flip:
         flip = torch.rand(x.shape[0], 1, 1, 1, device=device, generator=generator) < 0.5
         x = torch.where(flip, x.flip(3), x)
-    return x.contiguous(memory_format=torch.channels_last)
+    # channels_last feeds cuDNN's fastest convolutions; on CPUs it measured slower (docs/benchmarks.md)
+    return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)

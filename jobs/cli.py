@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("sample", help="sample images from an exported pipeline")
     sa.add_argument("--pipeline", required=True, help="pipeline directory, e.g. runs/digits-16px/pipeline")
-    sa.add_argument("--scheduler", default="dpmsolver++", help="ddpm, ddim, dpmsolver++, unipc, euler, ... (default: dpmsolver++)")
+    sa.add_argument("--scheduler", default="ddim", help="ddim (default), ddpm, dpmsolver++, unipc, euler, ... (see ddpm/sample.py)")
     sa.add_argument("--steps", type=int, default=25)
     sa.add_argument("--num-images", type=int, default=64)
     sa.add_argument("--seed", type=int, default=0, help="image i uses seed + i")

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SampleConfig:
     pipeline: str = ""                 # a directory in the DDPMPipeline layout (runs/<name>/pipeline)
-    scheduler: str = "dpmsolver++"     # sampler name; see ddpm.sample.SAMPLERS
+    scheduler: str = "ddim"            # sampler name; see ddpm.sample.SAMPLERS
     steps: int = 25                    # sampler steps
     num_images: int = 64
     seed: int = 0                      # image i uses seed + i
