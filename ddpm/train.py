@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from diffusers import DDPMPipeline
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import RunLock, latest_checkpoint, save_checkpoint
 from ddpm.config import Config, dump_yaml, to_dict
 from ddpm.data import BatchLoader, BatchOrder, open_cache, to_model_input
+from ddpm.ema import EMA
 from ddpm.errors import RunStopped, UserError
 from ddpm.export import export_pipeline
 from ddpm.model import architecture, build_unet
@@ -90,6 +90,8 @@ def train(cfg: Config) -> Path | None:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
     )
     device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast (cuDNN convs use TF32 by default)
     lock = RunLock(run_dir)
     if is_main:
         lock.acquire()
@@ -129,7 +131,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     noise = NoiseProcess(scheduler, device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                   fused=device.type in ("cuda", "cpu"))
-    ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=o.ema_power, foreach=True)
+    ema = EMA(unet.parameters(), max_decay=o.ema_decay, power=o.ema_power)
     param_names = [name for name, _ in unet.named_parameters()]
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     model = torch.compile(unet) if t.compile else unet
@@ -146,8 +148,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             raise UserError(f"checkpoint {latest.path} was trained with a different model config ({diff}); use another name= or the old config")
         unet.load_state_dict(latest.tensors("unet"))
         ema_weights = latest.tensors("ema")
-        ema.shadow_params = [ema_weights[n].to(device) for n in param_names]
-        ema.optimization_step = latest.state["ema_step"]
+        ema.shadow = [ema_weights[n].to(device) for n in param_names]
+        ema.steps = latest.state["ema_step"]
         optimizer.load_state_dict(latest.torch_state("optimizer"))
         rng_file = latest.path / f"rng-rank{rank}.pt"
         if rng_file.is_file() and latest.state["world_size"] == world:
@@ -184,9 +186,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
     def checkpoint() -> None:
         state = {"step": step, "epoch": epoch, "batch": batch, "world_size": world, "batch_size": t.batch_size,
-                 "ema_step": ema.optimization_step, "architecture": architecture(unet), "seed": cfg.seed}
+                 "ema_step": ema.steps, "architecture": architecture(unet), "seed": cfg.seed}
         save_checkpoint(ckpt_dir, step, keep=t.keep_checkpoints, rank=rank, barrier=accelerator.wait_for_everyone,
-                        tensors={"unet": unet.state_dict(), "ema": dict(zip(param_names, ema.shadow_params))},
+                        tensors={"unet": unet.state_dict(), "ema": dict(zip(param_names, ema.shadow))},
                         torch_states={"optimizer": optimizer.state_dict()},
                         rank_states={"rng": {"generator": generator.get_state()}}, state=state)
 
@@ -221,7 +223,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         epoch, batch = (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)  # the next position to read
 
         # Update EMA (only here, on real optimizer steps).
-        ema.step(unet.parameters())
+        ema.update(unet.parameters())
         bar.update(1)
 
         # Log: the only host sync, every log_every steps.

@@ -193,3 +193,25 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tiny):
     saved = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and 3 <= int(saved[0].name[5:]) < 2000
     assert not (cfg.run_dir / "lock.json").exists()
+
+
+@pytest.mark.parametrize("extra", [["train.mixed_precision=bf16"], ["schedule.prediction_type=v_prediction"],
+                                   ["train.gradient_checkpointing=true"]], ids=["bf16", "v-prediction", "grad-checkpointing"])
+def test_training_options_run_and_export(tiny, extra):
+    cfg, pipeline = run_tiny(tiny(*extra, "train.log_every=1"))
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(0 < r["loss"] < 10 for r in rows)
+    pipe = DDPMPipeline.from_pretrained(pipeline)
+    assert pipe.scheduler.config.prediction_type == cfg.schedule.prediction_type
+
+
+def test_v_prediction_target_is_the_velocity():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), so x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+    from ddpm.config import ScheduleConfig
+    from ddpm.schedule import NoiseProcess, build_scheduler
+
+    process = NoiseProcess(build_scheduler(ScheduleConfig(prediction_type="v_prediction")), torch.device("cpu"))
+    x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 100, 500, 999])
+    xt, v = process.add_noise(x0, eps, t), process.target(x0, eps, t)
+    a, s = process.sqrt_abar[t].view(-1, 1, 1, 1), process.sqrt_one_minus_abar[t].view(-1, 1, 1, 1)
+    assert torch.allclose(a * xt - s * v, x0, atol=1e-5)
