@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from diffusers import DDPMPipeline
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import RunLock, latest_checkpoint, save_checkpoint
@@ -197,6 +199,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     grad_norm = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc=cfg.run_name, unit="step", disable=not is_main, dynamic_ncols=True, mininterval=2.0)
+    # On CPUs the math attention kernel beats the flash one for these short sequences (64 tokens at 8x8):
+    # 36 vs 32 img/s on the tutorial UNet in bf16, measured on the 2-core development machine.
+    attention = (lambda: sdpa_kernel([SDPBackend.MATH])) if device.type == "cpu" else nullcontext
     model.train()
     stopped_early, signalled = False, False
     leave_at = step + t.stop_after if t.stop_after else total
@@ -209,7 +214,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             x0 = to_model_input(images, device, cfg.data.random_flip, generator)
             eps = torch.randn(x0.shape, device=device, generator=generator).contiguous(memory_format=memory_format)
             timesteps = noise.sample_timesteps(x0.shape[0], device, generator)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), attention():
                 pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
                 loss = F.mse_loss(pred.float(), noise.target(x0, eps, timesteps))
                 accelerator.backward(loss)

@@ -303,7 +303,7 @@ def run(cfg: BenchConfig) -> dict:
         pipeline = workdir / "runs" / "bench-digits" / "pipeline"
     runs = ([("ddpm", 50), ("ddim", 10), ("dpmsolver++", 10)] if q else
             [("ddpm", 1000), ("ddim", 10), ("ddim", 25), ("ddim", 50), ("dpmsolver++", 10), ("dpmsolver++", 25), ("dpmsolver++", 50)])
-    results["sampling"] = _in_child(stage_sampling, str(pipeline), str(workdir / "cache"), runs, 16 if q else 256)
+    results["sampling"] = _in_child(stage_sampling, str(pipeline), str(workdir / "cache"), runs, 16 if q else 200)
     print(report(results), flush=True)
     if cfg.out:
         with open(cfg.out, "a") as f:
