@@ -101,7 +101,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         return None
     try:
         if failure:
-            raise OSError(str(failure))
+            raise failure if isinstance(failure, OSError) else OSError(str(failure))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for p in files:
             _fsync(p)
@@ -116,9 +116,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [c.name for c in _candidates(ckpt_dir) if c != final]
         kept = f"; the previous checkpoint {previous[0]} is intact" if previous else ""
-        reason = "disk full" if e.errno == errno.ENOSPC or "os error 28" in str(e) else str(e)
+        full = e.errno == errno.ENOSPC or any(text in str(e) for text in ("os error 28", "No space left", "file write failed"))
+        reason = "disk full?" if full and e.errno != errno.ENOSPC else "disk full" if full else str(e)
         raise UserError(f"cannot write checkpoint {final} ({reason}){kept}") from None
-    for old in [c for c in _candidates(ckpt_dir)][keep:]:
+    # Prune older checkpoints only: never the one just written, even when a (corrupt) newer one exists.
+    older = [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX):]) < step]
+    for old in older[max(keep - 1, 0):]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -226,6 +229,8 @@ class RunLock:
                 return f"pid {holder['pid']} on this host has exited"
             except (PermissionError, ValueError, KeyError):
                 pass
+            else:
+                return None  # alive on this host: held, however long since it refreshed the lock
         if self.owner["slurm_job_id"] and holder.get("slurm_job_id") == self.owner["slurm_job_id"]:
             return f"held by an earlier attempt of SLURM job {holder['slurm_job_id']} (requeued)"
         try:

@@ -261,12 +261,16 @@ def validate_config(cfg: Config) -> None:
     need(d.resolution % factor == 0, f"data.resolution={d.resolution} is not divisible by {factor}, the UNet's downsampling factor ({levels} levels)")
     need(m.layers_per_block >= 1, f"model.layers_per_block must be at least 1, got {m.layers_per_block}")
     need(m.attention_head_dim >= 1, f"model.attention_head_dim must be positive, got {m.attention_head_dim}")
+    for c, name in zip(m.block_out_channels, m.down_block_types):
+        need("Attn" not in name or m.attention_head_dim <= c,
+             f"model.attention_head_dim={m.attention_head_dim} exceeds the {c} channels of an attention level (no head would fit)")
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     need(s.num_train_timesteps >= 2, f"schedule.num_train_timesteps must be at least 2, got {s.num_train_timesteps}")
     need(0 < s.beta_start < s.beta_end < 1, f"schedule.beta_start and beta_end must satisfy 0 < start < end < 1, got {s.beta_start}, {s.beta_end}")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be non-negative, got {o.weight_decay}")
     need(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {o.betas}")
+    need(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be non-negative, got {o.warmup_steps}")
     need(o.grad_clip >= 0, f"optim.grad_clip must be non-negative, got {o.grad_clip}")
     need(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")

@@ -258,6 +258,7 @@ def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, sho
             for name, array, status in progress:
                 if array is None:
                     if cfg.on_bad_image == "error":
+                        pool.shutdown(wait=False, cancel_futures=True)  # report now, not after decoding the rest
                         raise BadImageError(f"{status} (set data.on_bad_image=skip to skip bad files)")
                     skipped.append(status)
                     continue

@@ -96,7 +96,13 @@ def _new_run_id() -> str:
 def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
+    def step_of(line: str) -> int | None:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # a line half-written when the process was killed
+            return None
+
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (s := step_of(line)) is not None and s <= step]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))

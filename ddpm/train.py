@@ -42,7 +42,7 @@ def resolve_precision(setting: str) -> str:
     if setting != "auto":
         return "no" if setting == "fp32" else setting
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -115,11 +115,11 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     # Data: rank 0 decodes the source once into the cache; the other ranks then map it.
     with accelerator.main_process_first():
         cache = open_cache(cfg.data, show_progress=is_main)
+    if is_main:
+        lock.refresh()  # the cache build can take long: show other hosts that this run is alive
     order = BatchOrder(len(cache), t.batch_size, cfg.seed, rank, world)
-    steps_per_epoch = order.batches_per_epoch // t.grad_accum
-    if t.max_steps == 0 and steps_per_epoch == 0:
-        raise UserError(f"one epoch of {order.batches_per_epoch} batches is less than train.grad_accum={t.grad_accum}; lower it or set train.max_steps")
-    total = t.max_steps or t.epochs * steps_per_epoch
+    steps_per_epoch = order.batches_per_epoch / t.grad_accum  # optimizer steps run on across epoch boundaries
+    total = t.max_steps or max(1, t.epochs * order.batches_per_epoch // t.grad_accum)
     images_per_step = t.batch_size * t.grad_accum * world  # e.g. 64 x 1 x 1 = 64 images per optimizer step
 
     # Model, noise, optimizer, EMA. Same seed on every rank, so every rank starts from the same weights.
@@ -136,6 +136,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     ema = EMA(unet.parameters(), max_decay=o.ema_decay, power=o.ema_power)
     param_names = [name for name, _ in unet.named_parameters()]
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
+    sample_unet = build_unet(cfg.model, cfg.data.resolution).to(device).eval() if is_main else None
+    # From here the global RNG (dropout) differs per rank, and is saved and restored with the checkpoints.
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, 1]).generate_state(1)[0]))
     model = torch.compile(unet) if t.compile else unet
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -153,11 +156,21 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         ema.shadow = [ema_weights[n].to(device) for n in param_names]
         ema.steps = latest.state["ema_step"]
         optimizer.load_state_dict(latest.torch_state("optimizer"))
+        for g in optimizer.param_groups:  # the config of this launch wins over the checkpoint's hyperparameters
+            g.update(betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        if accelerator.scaler is not None and latest.has("scaler.pt"):
+            accelerator.scaler.load_state_dict(latest.torch_state("scaler"))
         rng_file = latest.path / f"rng-rank{rank}.pt"
-        if rng_file.is_file() and latest.state["world_size"] == world:
-            generator.set_state(torch.load(rng_file, weights_only=True)["generator"])
+        same_layout = latest.state["world_size"] == world and latest.state.get("device_type") == device.type
+        if rng_file.is_file() and same_layout:
+            rng = torch.load(rng_file, weights_only=True)
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
         else:
-            log.warning("resuming with %d processes from a checkpoint of %d: noise streams restart from the seed", world, latest.state["world_size"])
+            log.warning("resuming on %d %s process(es) from a checkpoint of %d %s: random streams restart from the seed",
+                        world, device.type, latest.state["world_size"], latest.state.get("device_type"))
         step, epoch, batch = latest.step, latest.state["epoch"], latest.state["batch"]
         if latest.state["batch_size"] * latest.state["world_size"] != t.batch_size * world:
             epoch, batch = epoch + (batch > 0), 0  # a different global batch cannot continue mid-epoch: start the next one
@@ -172,7 +185,6 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                                         "total_steps": total, "images_per_step": images_per_step, "dataset_images": len(cache)}}
     group = Path(cfg.run_name).name
     tracker = Tracker(cfg.tracking, run_dir, cfg.run_name, run_info, group=group, enabled=is_main, resume_step=step)
-    sample_unet = build_unet(cfg.model, cfg.data.resolution).to(device).eval() if is_main else None
     sampler = make_sampler(t.sample_scheduler, scheduler)
 
     def sample_grid(tag: str) -> Path:
@@ -187,12 +199,15 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         return path
 
     def checkpoint() -> None:
-        state = {"step": step, "epoch": epoch, "batch": batch, "world_size": world, "batch_size": t.batch_size,
+        state = {"step": step, "epoch": epoch, "batch": batch, "world_size": world, "device_type": device.type, "batch_size": t.batch_size,
                  "ema_step": ema.steps, "architecture": architecture(unet), "seed": cfg.seed}
         save_checkpoint(ckpt_dir, step, keep=t.keep_checkpoints, rank=rank, barrier=accelerator.wait_for_everyone,
                         tensors={"unet": unet.state_dict(), "ema": dict(zip(param_names, ema.shadow))},
-                        torch_states={"optimizer": optimizer.state_dict()},
-                        rank_states={"rng": {"generator": generator.get_state()}}, state=state)
+                        torch_states={"optimizer": optimizer.state_dict(),
+                                      **({"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {})},
+                        rank_states={"rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                                             **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}},
+                        state=state)
 
     loader = BatchLoader(cache, order, epoch, batch, pin_memory=device.type == "cuda")
     loss_sum = torch.zeros((), device=device)
@@ -237,7 +252,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             stop_votes = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item()
             elapsed = time.perf_counter() - window_start
             metrics = {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                       "images_per_sec": window_steps * images_per_step / elapsed, "epoch": step / max(steps_per_epoch, 1)}
+                       "images_per_sec": window_steps * images_per_step / elapsed, "epoch": step / steps_per_epoch}
             tracker.log(metrics, step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
             loss_sum.zero_()

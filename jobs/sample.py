@@ -60,10 +60,15 @@ def run(cfg: SampleConfig) -> Path:
         pipe = DDPMPipeline.from_pretrained(path)
     except Exception as e:  # diffusers raises several types for missing or mismatched files
         raise UserError(f"--pipeline: cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        raise UserError(f"--device: {cfg.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: no CUDA GPU is visible on this machine")
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     unet = pipe.unet.to(device).eval()
     sampler = make_sampler(cfg.scheduler, pipe.scheduler)

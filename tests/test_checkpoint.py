@@ -101,3 +101,13 @@ def test_lock_of_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path
     (tmp_path / "lock.json").write_text(json.dumps({"host": "node-a", "pid": 1, "slurm_job_id": "4242", "started": "t0"}))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     RunLock(tmp_path).acquire()
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A corrupt newer checkpoint (say step 10) must not push out the one just saved at a lower step."""
+    write(tmp_path, 10)
+    (tmp_path / "step-00000010" / "manifest.json").write_text("{garbage")
+    write(tmp_path, 5)
+    write(tmp_path, 7, keep=1)
+    assert (tmp_path / "step-00000007").is_dir() and not (tmp_path / "step-00000005").exists()
+    assert latest_checkpoint(tmp_path).step == 7

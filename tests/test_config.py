@@ -78,6 +78,8 @@ def test_choices_are_listed():
     ("data.source=folder", "data.path"),
     ("train.sample_scheduler=magic", "train.sample_scheduler"),
     ("optim.ema_decay=1.5", "optim.ema_decay"),
+    ("optim.eps=0", "optim.eps"),
+    ("model.attention_head_dim=128", "model.attention_head_dim"),
     ("schedule.beta_start=0.5", "schedule.beta_start"),
     ("train.log_every=0", "train.log_every"),
     ("name=a/b", "name"),

@@ -136,9 +136,10 @@ def test_wandb_offline_run_keeps_config_history_and_images_and_resumes_the_same_
     assert list((cfg.run_dir / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))
 
     run_tiny(tiny("tracking.wandb=true", "train.sample_every=2", name="tracked"))
+    # (W&B names offline directories by the second and the run id: two launches within one second share one.)
     files = sorted((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 2 and {wandb_files.run_id(f) for f in files} == {run_id}, "the resumed launch continues the same W&B run"
-    assert [h["_step"] for h in wandb_files.history(files[1]) if "loss" in h] == [6]
+    assert {wandb_files.run_id(f) for f in files} == {run_id}, "the resumed launch continues the same W&B run"
+    assert 6 in [h["_step"] for f in files for h in wandb_files.history(f) if "loss" in h]
 
 
 def test_metrics_after_the_checkpoint_are_rewritten_on_resume(tiny):
@@ -215,3 +216,12 @@ def test_v_prediction_target_is_the_velocity():
     xt, v = process.add_noise(x0, eps, t), process.target(x0, eps, t)
     a, s = process.sqrt_abar[t].view(-1, 1, 1, 1), process.sqrt_one_minus_abar[t].view(-1, 1, 1, 1)
     assert torch.allclose(a * xt - s * v, x0, atol=1e-5)
+
+
+def test_resume_survives_a_half_written_metrics_line(tiny):
+    cfg, _ = run_tiny(tiny("train.stop_after=3", name="halfline"))
+    with open(cfg.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.')  # the process was killed mid-write
+    _, pipeline = run_tiny(tiny(name="halfline"))
+    steps = [json.loads(line)["step"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert pipeline.is_dir() and steps == [2, 4, 6]
