@@ -92,7 +92,7 @@ class TrackingConfig:
     wandb: bool = True                 # log to Weights & Biases (offline when no API key is set)
     project: str = "ddpm"
     entity: str = ""                   # W&B team or user; "" uses the account default
-    group: str = ""                    # "" uses the run name's experiment (config file stem)
+    group: str = ""                    # W&B group (the experiment); "" uses the run name
     tags: tuple[str, ...] = ()
 
 
@@ -124,8 +124,8 @@ class Config:
 # Loading, overriding, validating.
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
-    """Build a config of type `cls` from an optional YAML file and dotted `key=value` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the config from an optional YAML file and dotted `key=value` overrides, then validate it."""
     tree: dict[str, Any] = {}
     if path:
         path = Path(path)
@@ -152,10 +152,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is a value, not a section")
         node[parts[-1]] = value
-    cfg = _build(cls, tree, prefix="")
-    validate = getattr(cfg, "validate", None) or (validate_config if cls is Config else None)
-    if validate:
-        validate(cfg)
+    cfg = _build(Config, tree, prefix="")
+    validate_config(cfg)
     return cfg
 
 

@@ -183,8 +183,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     run_info = {**to_dict(cfg), "run": {**run_metadata(), "world_size": world, "mixed_precision": accelerator.mixed_precision,
                                         "total_steps": total, "images_per_step": images_per_step, "dataset_images": len(cache)}}
-    group = Path(cfg.run_name).name
-    tracker = Tracker(cfg.tracking, run_dir, cfg.run_name, run_info, group=group, enabled=is_main, resume_step=step)
+    tracker = Tracker(cfg.tracking, run_dir, cfg.run_name, run_info, group=cfg.run_name, enabled=is_main, resume_step=step)
     sampler = make_sampler(t.sample_scheduler, scheduler)
 
     def sample_grid(tag: str) -> Path:
