@@ -3,8 +3,8 @@
 The decay warms up as 1 - (1 + step) ** -power, capped at max_decay (the schedule of diffusers'
 EMAModel with inv_gamma = 1, after Karras et al.'s power-function EMA), so early weights are
 forgotten quickly. The update is one fused pass over all tensors (torch._foreach_lerp_): on the
-tutorial UNet (18.5 M parameters, 2-core CPU) 3.8 ms per step against 26 ms for EMAModel.step,
-5 % of a training step.
+tutorial UNet (18.5 M parameters, 2-core CPU) 4.5 ms per step against 10.6 ms for EMAModel.step
+(`ddpm bench --ablation`).
 """
 
 from __future__ import annotations

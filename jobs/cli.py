@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--pipeline", default="runs/digits-16px/pipeline", help="trained digits pipeline for the sampling figures")
     be.add_argument("--out", default="", help="markdown file to append the results to, e.g. docs/benchmarks.md")
     be.add_argument("--workdir", default="", help="scratch directory (default: a new temporary one)")
+    be.add_argument("--ablation", action="store_true", help="time the training step one change at a time instead")
+    be.add_argument("--compile", action="store_true", help="with --ablation: include torch.compile (slow to compile on a CPU)")
     return p
 
 
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from jobs import bench
 
-            bench.run(bench.BenchConfig(quick=args.quick, pipeline=args.pipeline, out=args.out, workdir=args.workdir))
+            bench.run(bench.BenchConfig(quick=args.quick, pipeline=args.pipeline, out=args.out, workdir=args.workdir,
+                                         ablation=args.ablation, compile=args.compile))
     except UserError as e:
         print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

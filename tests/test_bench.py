@@ -15,3 +15,9 @@ def test_quick_bench_measures_every_stage(tmp_path):
     assert results["data"]["peak_rss_mib"] > 0
     text = report(results)
     assert "| training, tutorial UNet 32 px" in text and "| dpmsolver++ | 10 |" in text
+
+
+def test_quick_ablation_times_every_variant(tmp_path):
+    rows = run(BenchConfig(quick=True, ablation=True, workdir=str(tmp_path)))["ablation"]
+    assert [r["variant"] for r in rows][:2] == ["fp32, plain AdamW (the tutorial's step)", "fp32, channels_last, fused AdamW"]
+    assert all(r.get("img_s", 0) > 0 or r.get("ms_per_update", 0) > 0 for r in rows) and len(rows) == 8
