@@ -158,6 +158,20 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def verified_checkpoints(ckpt_dir: Path, newest: int = 0) -> list[Checkpoint]:
+    """Up to `newest` (0: all) checkpoints that pass their manifest check, newest first."""
+    found = []
+    for path in _candidates(ckpt_dir):
+        problem = verify(path)
+        if problem is not None:
+            log.warning("skipping corrupt checkpoint %s: %s", path, problem)
+            continue
+        found.append(Checkpoint(path=path, state=json.loads((path / "state.json").read_text())))
+        if len(found) == newest:
+            break
+    return found
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
     """The newest checkpoint that passes its manifest check; broken newer ones are named in a warning."""
     for path in _candidates(ckpt_dir):

@@ -126,6 +126,18 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the config from an optional YAML file and dotted `key=value` overrides, then validate it."""
+    cfg = build_config(Config, read_tree(path, overrides))
+    validate_config(cfg)
+    return cfg
+
+
+def build_config(cls: type, tree: dict[str, Any]) -> Any:
+    """A config dataclass of any kind (training, sweep, ...) from a nested dict, with the same strict checks."""
+    return _build(cls, tree, prefix="")
+
+
+def read_tree(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested dict of an optional YAML file with dotted `key=value` overrides applied."""
     tree: dict[str, Any] = {}
     if path:
         path = Path(path)
@@ -152,9 +164,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is a value, not a section")
         node[parts[-1]] = value
-    cfg = _build(Config, tree, prefix="")
-    validate_config(cfg)
-    return cfg
+    return tree
 
 
 def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
@@ -181,6 +191,10 @@ def fields_of(cls: type) -> list[str]:
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):  # an item of a list of sections
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping with keys {', '.join(fields_of(kind))}, got {value!r}")
+        return _build(kind, value, prefix=f"{key}.")
     if origin is Literal:
         choices = typing.get_args(kind)
         if value not in choices:

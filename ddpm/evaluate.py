@@ -1,27 +1,41 @@
-"""Sample quality without downloads: Fréchet distance in the feature space of a small offline network.
+"""Sample quality: Fréchet distance and kernel distance to a reference dataset, in one of two feature spaces.
 
-FID (Heusel et al. 2017) compares Gaussians fitted to Inception features of real and generated
-images. Inception weights are a download; this metric, "FD-digitsnet", uses instead the 64-d
-penultimate layer of a small CNN trained once, deterministically, to classify scikit-learn's
-digits (the embedded default dataset), and cached. It ranks samplers and checkpoints of digit
-models; its values are not comparable to FID. The number of images is part of every figure.
+- "inception": FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) exactly as torch-fidelity
+  computes them, on its Inception-v3 (ddpm.inception; weights are a checked download).
+- "digitsnet": the same two distances in the 64-d penultimate layer of a small CNN trained once,
+  deterministically, to classify scikit-learn's digits (the embedded default dataset), and cached.
+  Needs no download; it ranks samplers and checkpoints of digit models, and its values are not
+  comparable to FID, so its columns carry its own name (fd_digitsnet, kd_digitsnet).
+
+Reference features are computed once per feature space, dataset, resolution and image count and
+cached beside the data cache. The number of generated images and their seeds are part of every
+figure: FID falls as the number of images grows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
+
+from ddpm.config import DataConfig
+from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 METRIC_NAME = "FD-digitsnet"
+# feature space -> (Fréchet distance column, kernel distance column)
+METRICS = {"inception": ("fid", "kid"), "digitsnet": ("fd_digitsnet", "kd_digitsnet")}
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults
 FEATURE_NET_VERSION = 3  # bump when the net or its training changes: FD figures are only comparable within a version
 
 
@@ -58,10 +72,9 @@ def digits_feature_net(resolution: int, cache_dir: Path) -> DigitsNet:
         return net.eval()
     from sklearn.datasets import load_digits
 
-    from ddpm.config import DataConfig
     from ddpm.data import open_cache
 
-    cache = open_cache(DataConfig(source="digits", resolution=resolution, cache_dir=str(cache_dir)), show_progress=False)
+    cache = open_cache(DataConfig(source="digits", resolution=resolution, cache_dir=str(cache_dir / "datasets")), show_progress=False)
     images = cache.take(np.arange(len(cache)))
     labels = torch.from_numpy(load_digits().target).long()
     x = _to_input(images)
@@ -96,11 +109,106 @@ def features(net: DigitsNet, images: np.ndarray, batch_size: int = 500) -> np.nd
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: the usual FID remedy, a small diagonal offset
-        offset = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean.real))
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets (torch-fidelity's code)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = [fid_features_to_statistics(torch.from_numpy(np.asarray(x, dtype=np.float64))) for x in (a, b)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+
+
+def kernel_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
+    """KID: unbiased MMD^2 with a cubic polynomial kernel, mean and std over random subsets; also the subset size."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(KID_SUBSET_SIZE, len(a), len(b))
+    out = kid_features_to_metric(torch.from_numpy(np.asarray(a, dtype=np.float64)), torch.from_numpy(np.asarray(b, dtype=np.float64)),
+                                 kid_subsets=KID_SUBSETS, kid_subset_size=size, rng_seed=KID_SEED, verbose=False)
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]), size
+
+
+def distances(space: str, generated: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The two distances of a feature space under that space's column names."""
+    if len(generated) < 2 or len(reference) < 2:
+        raise UserError(f"FID/KID need at least 2 generated and 2 reference images, got {len(generated)} and {len(reference)}")
+    fd_name, kd_name = METRICS[space]
+    kd, kd_std, subset = kernel_distance(generated, reference)
+    return {fd_name: frechet_distance(generated, reference), kd_name: kd, f"{kd_name}_std": kd_std, "kid_subset_size": subset}
+
+
+# --------------------------------------------------------------------------------------
+# Feature spaces and the reference side.
+
+
+class DigitsFeatures:
+    name = "digitsnet"
+
+    def __init__(self, resolution: int, cache_dir: Path):
+        self.net = digits_feature_net(resolution, cache_dir)
+        self.id = f"digitsnet-v{FEATURE_NET_VERSION}-{resolution}px"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return features(self.net, images)
+
+
+def feature_space(name: str, resolution: int, device: torch.device, inception_weights: str = "") -> Callable[[np.ndarray], np.ndarray]:
+    """A callable from uint8 (N, H, W, 3) images to float64 features, with `.name` and `.id` (for cache keys)."""
+    if name == "digitsnet":
+        return DigitsFeatures(resolution, metrics_cache_dir())
+    if name == "inception":
+        from ddpm.inception import InceptionFeatures, inception_weights as weights
+
+        return InceptionFeatures(weights(inception_weights), device)
+    raise UserError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+
+
+def metrics_cache_dir() -> Path:
+    return Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm"))
+
+
+def reference_data(spec: str, resolution: int, run_dir: Path | None = None) -> DataConfig:
+    """The reference dataset at the model's resolution.
+
+    spec: "" (the training data of the run the model comes from), "digits", "folder:PATH",
+    "hf:NAME" or "hf:NAME:SPLIT", or a training config YAML whose data section is used."""
+    from ddpm.config import load_config
+
+    if not spec:
+        if run_dir is None or not (run_dir / "config.yaml").is_file():
+            raise UserError("no reference dataset: give one (digits, folder:PATH, hf:NAME[:SPLIT] or a config YAML); "
+                            "it can be left out only for models inside a run directory")
+        data = load_config(run_dir / "config.yaml").data
+    elif spec == "digits":
+        data = DataConfig(source="digits")
+    elif spec.startswith("folder:"):
+        data = DataConfig(source="folder", path=spec.removeprefix("folder:"))
+    elif spec.startswith("hf:"):
+        name, _, split = spec.removeprefix("hf:").partition(":")
+        data = DataConfig(source="hf", path=name, split=split or "train")
+    elif spec.endswith((".yaml", ".yml")):
+        data = load_config(spec).data
+    else:
+        raise UserError(f"reference {spec!r}: expected digits, folder:PATH, hf:NAME[:SPLIT] or a config .yaml file")
+    return dataclasses.replace(data, resolution=resolution, random_flip=False)
+
+
+def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarray:
+    """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk."""
+    from ddpm.data import cache_root, open_cache
+
+    cache = open_cache(data)
+    n = len(cache) if num_images <= 0 else min(num_images, len(cache))
+    if num_images > len(cache):
+        log.warning("the reference has %d images, fewer than the %d asked for; using all of them", len(cache), num_images)
+    path = cache_root(data).parent / "reference-features" / f"{space.id}-{cache.path.name}-{n}.npy"
+    if path.is_file():
+        return np.load(path)
+    indices = np.sort(np.random.default_rng(0).permutation(len(cache))[:n])
+    chunks = []
+    for i in tqdm(range(0, n, 1000), desc=f"reference features ({space.name}, {n} images)", unit="chunk", mininterval=1.0):
+        chunks.append(space(cache.take(indices[i:i + 1000])))
+    feats = np.concatenate(chunks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, feats)
+    os.replace(tmp, path)  # concurrent shards may both compute it; each rename is whole
+    return feats

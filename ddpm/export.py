@@ -1,12 +1,16 @@
-"""Export: the diffusers DDPMPipeline layout (model_index.json, scheduler/, unet/ with safetensors)."""
+"""The diffusers DDPMPipeline layout (model_index.json, scheduler/, unet/ with safetensors): written at the
+end of training, and built on demand from any checkpoint so sweeps can compare training steps."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 from diffusers import DDPMPipeline
+
+from ddpm.errors import UserError
 
 
 def export_pipeline(pipeline: DDPMPipeline, out_dir: Path) -> Path:
@@ -21,3 +25,48 @@ def export_pipeline(pipeline: DDPMPipeline, out_dir: Path) -> Path:
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def pipeline_from_checkpoint(ckpt_dir: Path) -> DDPMPipeline:
+    """The pipeline the export would hold at this checkpoint: EMA weights, the run's noise schedule.
+
+    The checkpoint lives at <run>/checkpoints/step-N; the model and schedule come from <run>/config.yaml."""
+    from ddpm.checkpoint import verify
+    from ddpm.config import load_config
+    from ddpm.model import architecture, build_unet
+    from ddpm.schedule import build_scheduler
+
+    ckpt_dir = Path(ckpt_dir)
+    problem = verify(ckpt_dir)
+    if problem is not None:
+        raise UserError(f"checkpoint {ckpt_dir}: {problem}")
+    run_config = ckpt_dir.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise UserError(f"checkpoint {ckpt_dir}: no {run_config} beside it (checkpoints are read inside their run directory)")
+    cfg = load_config(run_config)
+    unet = build_unet(cfg.model, cfg.data.resolution)
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    if state.get("architecture") not in (None, architecture(unet)):
+        raise UserError(f"checkpoint {ckpt_dir}: its architecture differs from {run_config}")
+    from safetensors.torch import load_file
+
+    ema = load_file(ckpt_dir / "ema.safetensors")
+    params = dict(unet.named_parameters())
+    if set(ema) != set(params):
+        raise UserError(f"checkpoint {ckpt_dir}: EMA weights do not match the model in {run_config}")
+    for name, p in params.items():
+        p.data.copy_(ema[name])
+    return DDPMPipeline(unet=unet.eval(), scheduler=build_scheduler(cfg.schedule))
+
+
+def load_pipeline(path: str | Path) -> DDPMPipeline:
+    """A pipeline directory (DDPMPipeline layout) or a checkpoint directory, with a one-line error for anything else."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return pipeline_from_checkpoint(path)
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is neither a pipeline directory (model_index.json) nor a checkpoint (manifest.json)")
+    try:
+        return DDPMPipeline.from_pretrained(path)
+    except Exception as e:  # diffusers raises several types for missing or mismatched files
+        raise UserError(f"cannot load the pipeline {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None

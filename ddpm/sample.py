@@ -58,6 +58,21 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 
+def resolve_device(device: str = "auto", precision: str = "auto") -> tuple[torch.device, str, torch.dtype | None]:
+    """(device, precision name, autocast dtype or None); auto picks CUDA when present, bf16 on GPUs that have it."""
+    try:
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: no CUDA GPU is visible on this machine")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    return dev, precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def make_sampler(name: str, trained: SchedulerMixin) -> SchedulerMixin:
     """A sampler of the given name on the noise schedule the model was trained with."""
     if name not in SAMPLERS:

@@ -82,6 +82,23 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], row_images: dict[int, Path] | None = None,
+                  images: dict[str, Path] | None = None) -> None:
+        """A W&B Table (`row_images` maps a row index to a picture in an extra "grid" column) and
+        named pictures, in one entry with no step, so a resumed run appends rather than rewrites."""
+        if self.run is None:
+            return
+        import wandb
+
+        if row_images is not None:
+            columns = [*columns, "grid"]
+            rows = [[*row, wandb.Image(str(row_images[i])) if i in row_images else None] for i, row in enumerate(rows)]
+        self.run.log({key: wandb.Table(columns=columns, data=rows), **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}})
+
+    def summarize(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -2,6 +2,8 @@
 
     ddpm train [--config FILE] [--dry-run] [key=value ...]
     ddpm sample --pipeline DIR [--scheduler NAME] [--steps N] [--num-images N] [--seed S] ...
+    ddpm sweep --config FILE [--shard I/N | --merge | --plan-only] [key=value ...]
+    ddpm evaluate --pipeline DIR [--reference SPEC] [--num-images N] [--metric inception|digitsnet] ...
     ddpm bench [--quick] [--out docs/benchmarks.md]
 
 A user mistake (bad config, missing data, a run directory in use, ...) is printed as one line
@@ -40,6 +42,33 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", default="", help="output directory (default: beside the pipeline, under samples/)")
     sa.add_argument("--device", default="auto")
     sa.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+    sw = sub.add_parser("sweep", help="sample and score a grid of models x schedulers x steps x seeds",
+                        description="Resumable: finished cells are skipped. See configs/sweeps/ and ddpm/sweep.py.")
+    sw.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/digits.yaml")
+    mode = sw.add_mutually_exclusive_group()
+    mode.add_argument("--shard", default="", metavar="I/N", help="run only cells I, I+N, ... (one task of a SLURM array); no tables")
+    mode.add_argument("--merge", action="store_true", help="write the tables, plot and W&B run from the cells the shards wrote")
+    mode.add_argument("--plan-only", action="store_true", help="resolve the models, write plan.json and exit")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. num_images=500 steps=[10,25]")
+
+    ev = sub.add_parser("evaluate", help="FID/KID of a pipeline against a reference dataset",
+                        description="Samples --num-images images and compares them with the reference; prints and writes JSON.")
+    ev.add_argument("--pipeline", required=True, help="pipeline or checkpoint directory")
+    ev.add_argument("--reference", default="", help="digits, folder:PATH, hf:NAME[:SPLIT] or a config .yaml (default: the run's training data)")
+    ev.add_argument("--num-images", type=int, default=1000)
+    ev.add_argument("--metric", default="inception", choices=["inception", "digitsnet"],
+                    help="inception: FID/KID (downloads checked weights once); digitsnet: offline FD/KD for digit models")
+    ev.add_argument("--scheduler", default="ddim")
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--seed", type=int, default=0, help="image k uses seed * 1,000,000 + k, as in sweeps")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--reference-images", type=int, default=0, help="reference images for the statistics (0: all)")
+    ev.add_argument("--inception-weights", default="", help="local Inception weights file (default: cached, else downloaded)")
+    ev.add_argument("--out", default="", help="JSON file (default: <run>/evaluation/<metric>-<scheduler>-<steps>steps-<n>img-seed<s>.json)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ev.add_argument("--no-wandb", action="store_true", help="do not log a W&B evaluate run")
 
     be = sub.add_parser("bench", help="measure training, data and sampling speed against the tutorial's way")
     be.add_argument("--quick", action="store_true", help="tiny sizes: checks that every stage runs (CI), no speed claims")
@@ -80,6 +109,29 @@ def main(argv: list[str] | None = None) -> int:
                                           seed=args.seed, batch_size=args.batch_size, out=args.out, device=args.device, precision=args.precision)
             out = sample_job.run(cfg)
             print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")
+        elif args.command == "sweep":
+            from ddpm.sweep import load_sweep_config
+            from jobs import sweep as sweep_job
+
+            cfg = load_sweep_config(args.config, args.overrides)
+            files = sweep_job.run(cfg, shard=args.shard, merge=args.merge, plan_only=args.plan_only)
+            if files:
+                print("\n".join(f"{k}: {v}" for k, v in files.items()))
+            else:
+                print(f"cells: {cfg.sweep_dir / 'cells'}" if not args.plan_only else f"plan: {cfg.sweep_dir / 'plan.json'}")
+        elif args.command == "evaluate":
+            from jobs import evaluate as evaluate_job
+
+            row = evaluate_job.run(evaluate_job.EvaluateConfig(
+                pipeline=args.pipeline, reference=args.reference, num_images=args.num_images, metric=args.metric,
+                scheduler=args.scheduler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                reference_images=args.reference_images, inception_weights=args.inception_weights, out=args.out,
+                device=args.device, precision=args.precision, wandb=not args.no_wandb))
+            from ddpm.sweep import metric_columns
+
+            shown = [f"{k}: {row[k]:.6g}" for k in metric_columns(args.metric)]
+            print(f"{row['num_images']} images ({args.scheduler}, {args.steps} steps, seed {args.seed}) vs {row['reference_images']} "
+                  f"reference images ({row['reference_data']})\n" + "\n".join(shown) + f"\njson: {row['out']}")
         elif args.command == "bench":
             from jobs import bench
 

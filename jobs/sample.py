@@ -8,14 +8,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from ddpm.errors import ConfigError, UserError
+from ddpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SampleConfig:
-    pipeline: str = ""                 # a directory in the DDPMPipeline layout (runs/<name>/pipeline)
+    pipeline: str = ""                 # a pipeline directory (runs/<name>/pipeline) or a checkpoint (runs/<name>/checkpoints/step-N)
     scheduler: str = "ddim"            # sampler name; see ddpm.sample.SAMPLERS
     steps: int = 25                    # sampler steps
     num_images: int = 64
@@ -47,29 +47,12 @@ class SampleConfig:
 
 def run(cfg: SampleConfig) -> Path:
     """Write PNGs named by seed, grid.png and settings.json; returns the output directory."""
-    import torch
-    from diffusers import DDPMPipeline
-
-    from ddpm.sample import generate, make_sampler, save_images
+    from ddpm.export import load_pipeline
+    from ddpm.sample import generate, make_sampler, resolve_device, save_images
 
     cfg.validate()
-    path = Path(cfg.pipeline)
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"--pipeline: {path} is not a pipeline directory (no model_index.json)")
-    try:
-        pipe = DDPMPipeline.from_pretrained(path)
-    except Exception as e:  # diffusers raises several types for missing or mismatched files
-        raise UserError(f"--pipeline: cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    except RuntimeError:
-        raise UserError(f"--device: {cfg.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: no CUDA GPU is visible on this machine")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    pipe = load_pipeline(cfg.pipeline)
+    device, precision, autocast = resolve_device(cfg.device, cfg.precision)
     unet = pipe.unet.to(device).eval()
     sampler = make_sampler(cfg.scheduler, pipe.scheduler)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))

@@ -1,11 +1,25 @@
-"""FD-digitsnet: the distance behaves like a distance, and its feature net is the same in every run."""
+"""Metrics: the distances behave like distances, the offline feature net is the same in every run, `ddpm evaluate`
+is repeatable, and the Inception path checks its weights and fails with a message naming the file it needs."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import hashlib
+import json
+import socket
+from pathlib import Path
 
-from ddpm.evaluate import digits_feature_net, frechet_distance
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from ddpm.config import load_config
+from ddpm.errors import UserError
+from ddpm.evaluate import digits_feature_net, distances, frechet_distance, kernel_distance
+from ddpm.inception import WEIGHTS_FILE, InceptionFeatures, inception_weights
+from ddpm.model import build_unet
+from ddpm.schedule import build_scheduler
+from tests.conftest import TINY_MODEL, run_cli
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
@@ -28,3 +42,85 @@ def test_feature_net_is_trained_deterministically_and_cached(tmp_path):
     mtime = cached[0].stat().st_mtime_ns
     digits_feature_net(8, tmp_path / "a")
     assert cached[0].stat().st_mtime_ns == mtime, "the second call loads, it does not retrain"
+
+
+def test_kernel_distance_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same, _, size = kernel_distance(a, b)
+    far, _, _ = kernel_distance(a, b + 1.0)
+    assert size == 400 and abs(same) < 0.05 < far
+
+
+@pytest.fixture(scope="module")
+def random_pipeline(tmp_path_factory) -> Path:
+    cfg = load_config(None, [*TINY_MODEL, "data.resolution=8"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("evaluate") / "pipeline"
+    DDPMPipeline(unet=build_unet(cfg.model, 8), scheduler=build_scheduler(cfg.schedule)).save_pretrained(path)
+    return path
+
+
+def test_evaluate_gives_the_same_figures_twice_and_caches_the_reference(random_pipeline, tmp_path):
+    env = {"DDPM_CACHE": str(tmp_path / "cache")}
+    args = ["evaluate", "--pipeline", str(random_pipeline), "--reference", "digits", "--metric", "digitsnet",
+            "--num-images", "16", "--steps", "3", "--reference-images", "300", "--no-wandb"]
+    first = run_cli(*args, "--out", str(tmp_path / "a.json"), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "fd_digitsnet:" in first.stdout and "vs 300 reference images (digits at 8px)" in first.stdout
+    cached = list((tmp_path / "cache" / "reference-features").glob("digitsnet-*-300.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (300, 64)
+    mtime = cached[0].stat().st_mtime_ns
+    second = run_cli(*args, "--out", str(tmp_path / "b.json"), env=env)
+    assert second.returncode == 0, second.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["fd_digitsnet"] > 0 and {k: a[k] for k in ("fd_digitsnet", "kd_digitsnet")} == {k: b[k] for k in ("fd_digitsnet", "kd_digitsnet")}
+    assert cached[0].stat().st_mtime_ns == mtime, "the second evaluation reads the cached reference features"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fid_without_weights_names_the_file_it_needs(random_pipeline, tmp_path):
+    env = {"DDPM_CACHE": str(tmp_path / "cache"), "DDPM_INCEPTION_URL": f"http://127.0.0.1:{_closed_port()}/{WEIGHTS_FILE}"}
+    r = run_cli("evaluate", "--pipeline", str(random_pipeline), "--reference", "digits", "--num-images", "4", "--no-wandb", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("ddpm evaluate: error: FID/KID need the Inception weights") and WEIGHTS_FILE in error
+    assert str(tmp_path / "cache" / "weights" / WEIGHTS_FILE) in error and "--inception-weights" in error
+    assert not list((tmp_path / "cache" / "weights").glob("*")), "no partial download is left behind"
+
+    wrong = tmp_path / WEIGHTS_FILE
+    wrong.write_bytes(b"not the weights")
+    r = run_cli("evaluate", "--pipeline", str(random_pipeline), "--reference", "digits", "--num-images", "4", "--no-wandb",
+                "--inception-weights", str(wrong), env=env)
+    assert r.returncode == 2 and f"Inception weights {wrong}: SHA-256 mismatch" in r.stderr.strip().splitlines()[-1]
+
+
+def test_inception_features_and_fid_kid_from_a_checked_weights_file(tmp_path, monkeypatch):
+    """The real weights are a download CI cannot make: a file of random weights of the same network, checked
+    against its own SHA-256, runs the whole path (resize to 299 px, 2048-d features, FID and KID columns)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf
+
+    monkeypatch.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    monkeypatch.setattr(tf, "load_state_dict_from_url", lambda *a, **k: {})
+    torch.manual_seed(0)
+    random_state = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    monkeypatch.undo()
+    path = tmp_path / "stand-in.pth"
+    torch.save(random_state, path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    with pytest.raises(UserError, match="SHA-256 mismatch"):
+        inception_weights(str(path))  # the real SHA-256 is expected by default
+    space = InceptionFeatures(inception_weights(str(path), sha256=sha), torch.device("cpu"), sha256=sha)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    feats = space(images)
+    assert feats.shape == (6, 2048) and np.isfinite(feats).all()
+    scores = distances("inception", feats[:3], feats[3:])
+    assert set(scores) == {"fid", "kid", "kid_std", "kid_subset_size"} and scores["kid_subset_size"] == 3
+    assert abs(distances("inception", feats, feats)["fid"]) < 1e-3

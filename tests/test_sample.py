@@ -64,7 +64,7 @@ def test_sample_cli(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--pipeline", "/nonexistent/pipeline"], "/nonexistent/pipeline is not a pipeline directory"),
+    (["--pipeline", "/nonexistent/pipeline"], "/nonexistent/pipeline is neither a pipeline directory (model_index.json) nor a checkpoint"),
     (["--scheduler", "warp-drive"], "'warp-drive' is not one of"),
     (["--steps", "0"], "--steps must be positive"),
 ])

@@ -1,0 +1,379 @@
+"""Sampling sweeps: the grid of models x schedulers x step counts x seeds, one cell at a time.
+
+A sweep lives in `<out_dir>/<name>/`:
+    plan.json                        the cells, in order, with the models resolved to directories
+    cells/<model>/<scheduler>-<steps>steps-seed<seed>/
+        images/seed-*.png, grid.png, row.json   (row.json is written last: its presence means done)
+    results.csv, results.json, plot.png          written when every cell is done (or by --merge)
+
+A cell is skipped on a rerun when its row.json exists and was made with the same settings, so an
+interrupted sweep resumes, and a SLURM array runs shards `--shard i/n` (cells i, i+n, ...) into the
+same directory, after which a final `--merge` writes the tables. The seed of image k in a cell with
+seed s is s * 1,000,000 + k: two runs (or two checkpoints) show the same noise in the same cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ddpm.config import TrackingConfig, build_config, read_tree, to_dict
+from ddpm.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+SEED_STRIDE = 1_000_000  # image k of a cell with seed s uses seed s * SEED_STRIDE + k
+
+
+@dataclass
+class ModelSource:
+    """One entry of `models`: exactly one of pipeline, checkpoints, run."""
+    pipeline: str = ""                 # a pipeline directory (runs/<name>/pipeline)
+    checkpoints: str = ""              # a glob of checkpoint directories (runs/<name>/checkpoints/step-*)
+    run: str = ""                      # a run directory: its `newest` newest valid checkpoints
+    newest: int = 1
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""                     # the sweep's directory under out_dir; "" uses the config file's name
+    out_dir: str = "sweeps"
+    models: tuple[ModelSource, ...] = ()
+    schedulers: tuple[str, ...] = ("ddim",)
+    steps: tuple[int, ...] = (25,)
+    seeds: tuple[int, ...] = (0,)
+    num_images: int = 1000             # images per cell; part of every reported figure
+    batch_size: int = 128
+    grid_images: int = 64              # the first n images of a cell form its grid
+    metric: Literal["inception", "digitsnet", "none"] = "inception"  # FID/KID, the offline FD/KD-digitsnet, or images only
+    reference: str = ""                # dataset to compare with; "" is each model's training data (see ddpm.evaluate.reference_data)
+    reference_images: int = 0          # reference images for the statistics; 0: all
+    inception_weights: str = ""        # local weights file for compute nodes without internet
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    cfg = build_config(SweepConfig, read_tree(path, overrides))
+    if not cfg.name:
+        cfg.name = Path(path).stem
+    validate_sweep(cfg)
+    return cfg
+
+
+def validate_sweep(cfg: SweepConfig) -> None:
+    from ddpm.sample import SAMPLERS
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(bool(cfg.models), "models: give at least one model (pipeline:, checkpoints: or run:)")
+    for i, m in enumerate(cfg.models):
+        given = [k for k in ("pipeline", "checkpoints", "run") if getattr(m, k)]
+        need(len(given) == 1, f"models[{i}]: give exactly one of pipeline, checkpoints, run (got {', '.join(given) or 'none'})")
+        need(m.newest >= 1, f"models[{i}].newest must be at least 1, got {m.newest}")
+    need(bool(cfg.schedulers) and bool(cfg.steps) and bool(cfg.seeds), "schedulers, steps and seeds each need at least one value")
+    for s in cfg.schedulers:
+        need(s in SAMPLERS, f"schedulers: {s!r} is not one of {', '.join(SAMPLERS)}")
+    need(all(s > 0 for s in cfg.steps), f"steps must be positive, got {list(cfg.steps)}")
+    need(all(0 <= s < 2**31 // SEED_STRIDE for s in cfg.seeds), f"seeds must be in 0..{2**31 // SEED_STRIDE - 1}, got {list(cfg.seeds)}")
+    need(cfg.num_images >= 1 and cfg.batch_size >= 1 and cfg.grid_images >= 1, "num_images, batch_size and grid_images must be positive")
+    need(cfg.metric == "none" or cfg.num_images >= 2, f"num_images: FID/KID need at least 2 images, got {cfg.num_images}")
+    need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), f"name: {cfg.name!r} is not a valid directory name")
+
+
+# --------------------------------------------------------------------------------------
+# The plan: cells in a fixed order, models resolved once.
+
+
+@dataclass
+class Cell:
+    model: str                         # label, e.g. digits-16px/step-00002000 or digits-16px/pipeline
+    path: str                          # pipeline or checkpoint directory
+    scheduler: str
+    steps: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}"
+
+
+def _label(path: Path) -> str:
+    """<run>/<pipeline or step-N>: short, unique within a sweep of runs, and a valid relative path."""
+    return f"{path.parent.parent.name if path.parent.name == 'checkpoints' else path.parent.name}/{path.name}"
+
+
+def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
+    """(label, directory) of every model, in config order; a missing model is an error naming it."""
+    from ddpm.checkpoint import verified_checkpoints
+
+    found: list[Path] = []
+    for i, m in enumerate(cfg.models):
+        if m.pipeline:
+            if not (Path(m.pipeline) / "model_index.json").is_file():
+                raise UserError(f"models[{i}].pipeline: {m.pipeline} is not a pipeline directory (no model_index.json)")
+            found.append(Path(m.pipeline))
+        elif m.checkpoints:
+            paths = sorted(Path(p) for p in glob.glob(m.checkpoints) if (Path(p) / "manifest.json").is_file())
+            if not paths:
+                raise UserError(f"models[{i}].checkpoints: no checkpoint matches {m.checkpoints}")
+            found.extend(paths)
+        else:
+            ckpts = verified_checkpoints(Path(m.run) / "checkpoints", newest=m.newest)
+            if not ckpts:
+                raise UserError(f"models[{i}].run: {m.run} has no valid checkpoint under {Path(m.run) / 'checkpoints'}")
+            found.extend(sorted(c.path for c in ckpts))
+    labels = [_label(p.resolve()) for p in found]
+    seen: set[str] = set()
+    out = []
+    for label, path in zip(labels, found):
+        if label not in seen:  # the same model listed twice is swept once
+            seen.add(label)
+            out.append((label, str(path.resolve())))
+    return out
+
+
+def make_plan(cfg: SweepConfig) -> list[Cell]:
+    return [Cell(label, path, sch, steps, seed) for label, path in resolve_models(cfg)
+            for sch in cfg.schedulers for steps in cfg.steps for seed in cfg.seeds]
+
+
+def config_digest(cfg: SweepConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_plan(cfg: SweepConfig, cells: list[Cell]) -> None:
+    cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(cfg.sweep_dir / "plan.json", {"config_digest": config_digest(cfg), "config": to_dict(cfg),
+                                              "cells": [c.__dict__ for c in cells]})
+
+
+def read_plan(cfg: SweepConfig) -> list[Cell] | None:
+    """The plan written for this very config (shards of one array share it), else None."""
+    path = cfg.sweep_dir / "plan.json"
+    if not path.is_file():
+        return None
+    plan = json.loads(path.read_text())
+    if plan.get("config_digest") != config_digest(cfg):
+        return None
+    return [Cell(**c) for c in plan["cells"]]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+# --------------------------------------------------------------------------------------
+# Running cells.
+
+
+def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
+    """What decides a cell's result: a row made with other settings is recomputed."""
+    return {"cell": cell.id, "model": cell.model, "model_path": cell.path, "scheduler": cell.scheduler, "steps": cell.steps,
+            "seed": cell.seed, "num_images": cfg.num_images, "metric": cfg.metric, "reference": cfg.reference,
+            "reference_images_asked": cfg.reference_images, "precision_setting": cfg.precision}
+
+
+def finished_row(cfg: SweepConfig, cell: Cell) -> dict | None:
+    path = cfg.sweep_dir / "cells" / cell.id / "row.json"
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    settings = cell_settings(cfg, cell)
+    return row if all(row.get(k) == v for k, v in settings.items()) else None
+
+
+class CellRunner:
+    """Samples and scores cells, keeping the current model and the reference features between cells."""
+
+    def __init__(self, cfg: SweepConfig):
+        from ddpm.sample import resolve_device
+
+        self.cfg = cfg
+        self.device, self.precision, self.autocast = resolve_device(cfg.device, cfg.precision)
+        self._model: tuple[str, Any] | None = None
+        self._spaces: dict[int, Any] = {}
+        self._reference: dict[tuple, tuple[np.ndarray, str]] = {}
+
+    def _pipeline(self, cell: Cell):
+        if self._model is None or self._model[0] != cell.path:
+            from ddpm.export import load_pipeline
+
+            pipe = load_pipeline(cell.path)
+            pipe.unet.to(self.device).eval()
+            self._model = (cell.path, pipe)
+        return self._model[1]
+
+    def _reference_features(self, cell: Cell, resolution: int) -> tuple[np.ndarray, str]:
+        from ddpm.evaluate import feature_space, reference_data, reference_features
+
+        path = Path(cell.path)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        data = reference_data(self.cfg.reference, resolution, run_dir)
+        key = (data.source, data.path, data.split, resolution)
+        if key not in self._reference:
+            if resolution not in self._spaces:
+                self._spaces[resolution] = feature_space(self.cfg.metric, resolution, self.device, self.cfg.inception_weights)
+            space = self._spaces[resolution]
+            described = {"digits": "digits", "folder": f"folder:{data.path}", "hf": f"hf:{data.path}:{data.split}"}[data.source]
+            self._reference[key] = (reference_features(space, data, self.cfg.reference_images), f"{described} at {resolution}px")
+        return self._reference[key]
+
+    def run(self, cell: Cell) -> dict:
+        import torch
+
+        from ddpm.sample import generate, make_grid, make_sampler, save_images
+
+        cfg = self.cfg
+        pipe = self._pipeline(cell)
+        out = cfg.sweep_dir / "cells" / cell.id
+        seeds = [cell.seed * SEED_STRIDE + k for k in range(cfg.num_images)]
+        sampler = make_sampler(cell.scheduler, pipe.scheduler)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        images = generate(pipe.unet, sampler, seeds, cell.steps, cfg.batch_size, self.device, self.autocast, progress=True)
+        seconds = time.perf_counter() - start
+        save_images(images, seeds, out)
+        make_grid(images[:cfg.grid_images]).save(out / "grid.png")
+        row = {**cell_settings(cfg, cell), "seconds_per_image": seconds / len(images), "device": str(self.device),
+               "precision": self.precision, "checkpoint_step": _step_of(cell.path)}
+        if cfg.metric != "none":
+            from ddpm.evaluate import distances
+
+            ref, described = self._reference_features(cell, pipe.unet.config.sample_size)
+            space = self._spaces[pipe.unet.config.sample_size]
+            row.update({"reference_data": described, "reference_images": len(ref), **distances(cfg.metric, space(images), ref)})
+        _write_json(out / "row.json", row)
+        return row
+
+
+def _step_of(path: str) -> int | None:
+    name = Path(path).name
+    return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
+    """Runs the cells not yet done; returns (run, skipped)."""
+    todo = [c for c in cells if finished_row(cfg, c) is None]
+    if len(todo) < len(cells):
+        log.info("%d of %d cells already done; skipping them", len(cells) - len(todo), len(cells))
+    if todo:
+        runner = CellRunner(cfg)
+        for i, cell in enumerate(todo, 1):
+            log.info("cell %d/%d: %s", i, len(todo), cell.id)
+            row = runner.run(cell)
+            log.info("  %s", ", ".join(f"{k}={row[k]:.4g}" for k in metric_columns(cfg.metric) if k in row))
+    return len(todo), len(cells) - len(todo)
+
+
+# --------------------------------------------------------------------------------------
+# Results: table, plot.
+
+
+def metric_columns(metric: str) -> list[str]:
+    from ddpm.evaluate import METRICS
+
+    if metric == "none":
+        return ["seconds_per_image"]
+    fd, kd = METRICS[metric]
+    return [fd, kd, f"{kd}_std", "seconds_per_image"]
+
+
+COLUMNS = ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "num_images", "metric", "reference_data",
+           "reference_images", "kid_subset_size", "device", "precision", "model_path"]
+
+
+def collect_rows(cfg: SweepConfig, cells: list[Cell]) -> list[dict]:
+    """Every cell's row, in plan order; a missing cell is an error naming how many and the first few."""
+    rows, missing = [], []
+    for cell in cells:
+        row = finished_row(cfg, cell)
+        (missing.append(cell.id) if row is None else rows.append(row))
+    if missing:
+        raise UserError(f"{len(missing)} of {len(cells)} cells are not done yet ({', '.join(missing[:3])}"
+                        f"{', ...' if len(missing) > 3 else ''}); run the missing shards, then --merge")
+    return rows
+
+
+def write_results(cfg: SweepConfig, rows: list[dict]) -> dict[str, Path]:
+    out = cfg.sweep_dir
+    columns = [c for c in COLUMNS[:6] + metric_columns(cfg.metric) + COLUMNS[6:] if any(c in r for r in rows)]
+    tmp = out / f".results.csv.{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "results.csv")
+    _write_json(out / "results.json", rows)
+    plot_results(cfg, rows, out / "plot.png")
+    return {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "plot.png"}
+
+
+def plot_results(cfg: SweepConfig, rows: list[dict], path: Path) -> None:
+    """Quality (or speed, without a metric) against sampling steps, a line per scheduler, a panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_key = metric_columns(cfg.metric)[0]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models):
+        for sch in cfg.schedulers:
+            points: dict[int, list[float]] = {}
+            for r in rows:
+                if r["model"] == model and r["scheduler"] == sch:
+                    points.setdefault(r["steps"], []).append(r[y_key])
+            if not points:
+                continue
+            xs = sorted(points)
+            ys = [float(np.mean(points[x])) for x in xs]
+            err = [float(np.std(points[x])) for x in xs]
+            ax.errorbar(xs, ys, yerr=err if len(cfg.seeds) > 1 else None, marker="o", capsize=3, label=sch)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(cfg.steps), [str(s) for s in sorted(cfg.steps)])
+        ax.minorticks_off()
+        ax.set_xlabel("sampling steps")
+        ax.set_title(model, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{y_key} (lower is better)" if cfg.metric != "none" else "seconds per image")
+    axes[0][-1].legend(fontsize=8)
+    seeds = f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
+    fig.suptitle(f"{cfg.name}: {y_key}, {cfg.num_images} images per cell, {seeds}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

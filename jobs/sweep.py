@@ -1,0 +1,81 @@
+"""Sweep job: every cell of a sampling grid, resumable and shardable; tables, plot and a W&B run at the end.
+
+    ddpm sweep --config configs/sweeps/digits.yaml              # all cells, then the results
+    ddpm sweep --config ... --shard 0/4                         # cells 0, 4, 8, ... (a SLURM array task)
+    ddpm sweep --config ... --merge                             # the results from the shards' cells
+    ddpm sweep --config ... --plan-only                         # resolve the models and write plan.json
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ddpm.sweep import SweepConfig, collect_rows, make_plan, metric_columns, parse_shard, read_plan, run_cells, write_plan, write_results
+
+log = logging.getLogger(__name__)
+
+
+def plan(cfg: SweepConfig, reuse: bool) -> list:
+    """Shards of one array must sweep the same cells even if training writes a checkpoint meanwhile: they reuse
+    the plan written for this config (by the submitter or the first shard); a whole sweep re-resolves its models."""
+    cells = read_plan(cfg) if reuse else None
+    if cells is None:
+        cells = make_plan(cfg)
+        write_plan(cfg, cells)
+    return cells
+
+
+def run(cfg: SweepConfig, shard: str = "", merge: bool = False, plan_only: bool = False) -> dict[str, Path] | None:
+    """Returns the result files, or None when only a shard's cells (or only the plan) were done."""
+    cells = plan(cfg, reuse=bool(shard) or merge)
+    log.info("sweep %s: %d cells (%d models x %d schedulers x %d step counts x %d seeds), %d images each, in %s",
+             cfg.name, len(cells), len({c.model for c in cells}), len(cfg.schedulers), len(cfg.steps), len(cfg.seeds),
+             cfg.num_images, cfg.sweep_dir)
+    if plan_only:
+        return None
+    if shard:
+        i, n = parse_shard(shard)
+        done, skipped = run_cells(cfg, cells[i::n])
+        log.info("shard %d/%d: %d cells run, %d already done", i, n, done, skipped)
+        return None
+    if not merge:
+        run_cells(cfg, cells)
+    rows = collect_rows(cfg, cells)
+    files = write_results(cfg, rows)
+    _track(cfg, rows, files)
+    return files
+
+
+def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
+    from ddpm.config import to_dict
+    from ddpm.tracking import Tracker, run_metadata
+
+    if not cfg.tracking.wandb:
+        return
+    tracker = Tracker(cfg.tracking, cfg.sweep_dir, cfg.name, {**to_dict(cfg), "run": run_metadata()}, job_type="sweep",
+                      group=_group(cfg, rows))
+    columns = ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "num_images", *metric_columns(cfg.metric)]
+    table = [[r.get(c) for c in columns] for r in rows]
+    grids = {i: cfg.sweep_dir / "cells" / r["cell"] / "grid.png" for i, r in enumerate(rows)}
+    # Grids also go in as images of their own: W&B drops the images inside a table in offline runs (wandb#4611).
+    images = {"sweep/plot": files["plot"], **{f"grid/{rows[i]['cell']}": p for i, p in grids.items()}}
+    tracker.log_table("sweep/results", columns, table, row_images=grids, images=images)
+    if cfg.metric != "none":
+        key = metric_columns(cfg.metric)[0]
+        best = min(rows, key=lambda r: r[key])
+        tracker.summarize({f"best_{key}": best[key], "best_cell": best["cell"], "num_images": cfg.num_images, "cells": len(rows)})
+    tracker.finish()
+
+
+def _group(cfg: SweepConfig, rows: list[dict]) -> str:
+    """The W&B group of the training run the first model comes from, so its sweeps sit beside it; else the sweep name."""
+    from ddpm.config import load_config
+
+    path = Path(rows[0]["model_path"])
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    try:
+        run_cfg = load_config(run_dir / "config.yaml")
+    except Exception:  # a pipeline from elsewhere (the Hub, a copy): no training run to sit beside
+        return cfg.name
+    return run_cfg.tracking.group or run_cfg.run_name

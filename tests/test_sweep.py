@@ -1,0 +1,139 @@
+"""Sampling sweeps: every artefact written, finished cells skipped, shards merged equal to one run, W&B files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DDPMPipeline
+from PIL import Image
+
+from ddpm.config import load_config
+from ddpm.export import pipeline_from_checkpoint
+from ddpm.sweep import load_sweep_config
+from ddpm.train import train
+from jobs import sweep as sweep_job
+from tests.conftest import TINY_MODEL, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny digits run trained for 6 steps with checkpoints at steps 3 and 6 and an exported pipeline."""
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = load_config(None, ["name=tiny", f"runs_dir={root / 'runs'}", f"data.cache_dir={root / 'cache'}", "data.resolution=8",
+                             *TINY_MODEL, "train.batch_size=16", "train.max_steps=6", "train.log_every=2",
+                             "train.checkpoint_every=3", "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2",
+                             "train.mixed_precision=fp32", "optim.warmup_steps=2", "tracking.wandb=false"])
+    train(cfg)
+    return cfg.run_dir
+
+
+@pytest.fixture
+def sweep_file(tiny_run, tmp_path, monkeypatch):
+    """Writes a sweep YAML over the tiny run; keyword arguments replace its keys."""
+    monkeypatch.setenv("DDPM_CACHE", str(tiny_run.parent.parent / "cache"))  # feature net + reference features, shared
+
+    def make(name: str = "grid", **changes) -> Path:
+        spec = {"name": name, "out_dir": str(tmp_path / "sweeps"), "models": [{"pipeline": str(tiny_run / "pipeline")}],
+                "schedulers": ["ddim", "dpmsolver++"], "steps": [2, 4], "seeds": [0], "num_images": 12, "batch_size": 6,
+                "grid_images": 4, "metric": "digitsnet", "device": "cpu", "precision": "fp32",
+                "tracking": {"wandb": False, "project": "ddpm-tests"}, **changes}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return make
+
+
+METRICS = ("fd_digitsnet", "kd_digitsnet", "kd_digitsnet_std")
+
+
+def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_file, caplog):
+    cfg = load_sweep_config(sweep_file(tracking={"wandb": True, "project": "ddpm-tests"}))
+    files = sweep_job.run(cfg)
+    rows = json.loads(files["json"].read_text())
+    assert [(r["scheduler"], r["steps"]) for r in rows] == [("ddim", 2), ("ddim", 4), ("dpmsolver++", 2), ("dpmsolver++", 4)]
+    for r in rows:
+        cell = cfg.sweep_dir / "cells" / r["cell"]
+        assert sorted(p.name for p in (cell / "images").iterdir()) == [f"seed-{k:06d}.png" for k in range(12)]
+        assert Image.open(cell / "grid.png").size[0] > 8 * 2  # 4 images of 8 px, upscaled into a grid
+        assert r["num_images"] == 12 and r["reference_images"] == 1797 and r["metric"] == "digitsnet"
+        assert all(np.isfinite(r[m]) for m in METRICS) and r["fd_digitsnet"] > 0 and r["seconds_per_image"] > 0
+        assert "fid" not in r and "kid" not in r  # the offline metric never appears under FID's name
+    header = files["csv"].read_text().splitlines()[0].split(",")
+    assert {"cell", "scheduler", "steps", "seed", "num_images", *METRICS} <= set(header) and "fid" not in header
+    assert len(files["csv"].read_text().splitlines()) == 1 + 4
+    assert Image.open(files["plot"]).size[0] >= 400
+
+    # The W&B offline run holds the table of the four rows, the plot and one grid per cell.
+    media = next((cfg.sweep_dir / "wandb").glob("offline-run-*")) / "files" / "media"
+    table = json.loads(next((media / "table" / "sweep").glob("results_*.table.json")).read_text())
+    assert table["columns"][:6] == ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed"] and len(table["data"]) == 4
+    assert {r[0] for r in table["data"]} == {r["cell"] for r in rows}
+    assert len(list((media / "images" / "sweep").glob("plot_*.png"))) == 1
+    assert len(list((media / "images" / "grid").rglob("*.png"))) == 4
+
+    # Rerun: nothing is sampled again (row files untouched); a changed setting reruns every cell.
+    stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
+    caplog.set_level("INFO")
+    sweep_job.run(load_sweep_config(sweep_file(tracking={"wandb": False})))
+    assert "4 of 4 cells already done" in caplog.text
+    assert {c: (cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns for c in stamps} == stamps
+    again = sweep_job.run(load_sweep_config(sweep_file(num_images=8)))
+    assert {r["num_images"] for r in json.loads(again["json"].read_text())} == {8}
+
+
+def test_two_shards_merged_equal_the_unsharded_sweep(sweep_file, tmp_path):
+    whole = json.loads(sweep_job.run(load_sweep_config(sweep_file("whole")))["json"].read_text())
+    config = sweep_file("sharded")
+    for shard in ("0/2", "1/2"):  # as two SLURM array tasks would, each in its own process
+        r = run_cli("sweep", "--config", str(config), "--shard", shard, env={"DDPM_CACHE": os.environ["DDPM_CACHE"]})
+        assert r.returncode == 0, r.stderr
+        assert not (tmp_path / "sweeps" / "sharded" / "results.csv").exists()  # a shard writes cells only
+    r = run_cli("sweep", "--config", str(config), "--merge", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]})
+    assert r.returncode == 0, r.stderr
+    merged = json.loads((tmp_path / "sweeps" / "sharded" / "results.json").read_text())
+    assert [r["cell"] for r in merged] == [r["cell"] for r in whole]
+    for a, b in zip(whole, merged):
+        assert {m: a[m] for m in METRICS} == pytest.approx({m: b[m] for m in METRICS}, rel=1e-9)
+        cell = Path(a["cell"])
+        for name in ("grid.png", "images/seed-000011.png"):  # same seeds, same pixels, in a separate process
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "sweeps" / "whole" / "cells" / cell / name)),
+                                  np.asarray(Image.open(tmp_path / "sweeps" / "sharded" / "cells" / cell / name)))
+
+
+def test_merge_names_the_cells_still_missing(sweep_file):
+    config = sweep_file("partial")
+    assert run_cli("sweep", "--config", str(config), "--shard", "0/2", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]}).returncode == 0
+    r = run_cli("sweep", "--config", str(config), "--merge")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("ddpm sweep: error: 2 of 4 cells are not done yet") and "ddim-4steps-seed0" in error
+
+
+def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file):
+    cfg = load_sweep_config(sweep_file("ckpts", models=[{"run": str(tiny_run), "newest": 2}], schedulers=["ddim"], steps=[2]))
+    rows = json.loads(sweep_job.run(cfg)["json"].read_text())
+    assert [(r["model"], r["checkpoint_step"]) for r in rows] == [("tiny/step-00000003", 3), ("tiny/step-00000006", 6)]
+    # The last checkpoint's EMA weights are the exported pipeline's.
+    from_ckpt = pipeline_from_checkpoint(tiny_run / "checkpoints" / "step-00000006").unet.state_dict()
+    exported = DDPMPipeline.from_pretrained(tiny_run / "pipeline").unet.state_dict()
+    assert all(torch.equal(from_ckpt[k], exported[k]) for k in exported)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schedulers": ["ddim", "nope"]}, "schedulers: 'nope' is not one of"),
+    ({"models": [{"pipeline": "a", "run": "b"}]}, "models[0]: give exactly one of pipeline, checkpoints, run"),
+    ({"models": [{"pipeline": "/nonexistent/pipeline"}]}, "models[0].pipeline: /nonexistent/pipeline is not a pipeline directory"),
+    ({"metric": "fid"}, "metric: 'fid' is not one of"),
+    ({"stepz": [1]}, "unknown key 'stepz'"),
+])
+def test_bad_sweep_configs_fail_in_one_line(sweep_file, change, message):
+    r = run_cli("sweep", "--config", str(sweep_file("bad", **change)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ddpm sweep: error: ") and message in r.stderr.strip().splitlines()[-1]
