@@ -7,13 +7,17 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test bench
+.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
 	@echo "make test                                                  run the test suite"
 	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with DDIM, 25 steps"
 	@echo "make bench [ARGS=--quick]                                 speed figures, appended to docs/benchmarks.md"
+	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
+	@echo "make submit-sweep CLUSTER=local SWEEP=configs/sweeps/x.yaml  sampling sweep as a SLURM array + merge"
+	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
+	@echo "make nightly-install CLUSTER=local NIGHTLY=slurm/nightly.yaml  nightly sweep of the newest checkpoints"
 
 .uv-boot/bin/uv:
 	$(PYTHON) -m venv .uv-boot
@@ -41,3 +45,22 @@ BENCH_OUT ?= docs/benchmarks.md
 bench: install
 	@if [[ "$(ARGS)" != *--quick* && ! -f runs/digits-16px/pipeline/model_index.json ]]; then $(MAKE) train; fi
 	.venv/bin/ddpm bench $(if $(findstring --quick,$(ARGS)),,--out $(BENCH_OUT)) $(ARGS)
+
+# SLURM: submitit jobs from a snapshot of this commit; see docs/slurm.md. WAIT=1 blocks until the jobs end.
+CLUSTER ?= local
+NODES ?=
+SWEEP ?= configs/sweeps/digits.yaml
+REPO ?=
+AFTER ?=
+NIGHTLY ?= slurm/nightly.yaml
+submit-train: install
+	.venv/bin/ddpm submit train --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(NODES),--nodes $(NODES)) $(if $(WAIT),--wait) $(ARGS)
+
+submit-sweep: install
+	.venv/bin/ddpm submit sweep --cluster $(CLUSTER) --config $(SWEEP) $(if $(WAIT),--wait) $(ARGS)
+
+submit-upload: install
+	.venv/bin/ddpm submit upload --cluster $(CLUSTER) --pipeline $(PIPELINE) --repo $(REPO) $(if $(AFTER),--after $(AFTER)) $(if $(WAIT),--wait) $(ARGS)
+
+nightly-install: install
+	.venv/bin/python -m slurm.nightly install --cluster $(CLUSTER) --runs $(NIGHTLY)

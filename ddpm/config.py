@@ -172,7 +172,7 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in tree:
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix}{key!r}; valid keys: {', '.join(fields)}")
+            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in tree.items():
         kind = hints[name]

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -62,14 +63,14 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 
 class StopRequest:
-    """SIGTERM or SIGUSR2 (SLURM's warning before a time limit or preemption) asks for a checkpoint and a clean exit."""
+    """SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption) asks for a checkpoint and a clean exit."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
 
     def install(self) -> None:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -88,10 +89,13 @@ def train(cfg: Config) -> Path | None:
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=resolve_precision(t.mixed_precision),
         gradient_accumulation_steps=t.grad_accum,
-        # Ranks other than 0 wait for the data cache that rank 0 builds: give them time.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
+        # Ranks other than 0 wait for the data cache that rank 0 builds: give them time (cluster profiles set it).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=float(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "60"))))],
     )
     device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if world > 1:  # every rank says where it landed: the first thing to read when a multi-node job misbehaves
+        print(f"rank {rank} of {world} on {socket.gethostname()}: device {device}, local rank {accelerator.local_process_index}",
+              flush=True)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast (cuDNN convs use TF32 by default)
     lock = RunLock(run_dir)

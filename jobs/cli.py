@@ -4,6 +4,8 @@
     ddpm sample --pipeline DIR [--scheduler NAME] [--steps N] [--num-images N] [--seed S] ...
     ddpm sweep --config FILE [--shard I/N | --merge | --plan-only] [key=value ...]
     ddpm evaluate --pipeline DIR [--reference SPEC] [--num-images N] [--metric inception|digitsnet] ...
+    ddpm upload --pipeline DIR --repo USER/NAME [--dry-run]
+    ddpm submit train|sweep|upload --cluster PROFILE [--config FILE] [--nodes N] [--wait] [key=value ...]
     ddpm bench [--quick] [--out docs/benchmarks.md]
 
 A user mistake (bad config, missing data, a run directory in use, ...) is printed as one line
@@ -70,6 +72,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ev.add_argument("--no-wandb", action="store_true", help="do not log a W&B evaluate run")
 
+    up = sub.add_parser("upload", help="publish a pipeline with a model card on the Hugging Face Hub")
+    up.add_argument("--pipeline", required=True, help="runs/<name>/pipeline")
+    up.add_argument("--repo", required=True, help="Hub model repository, user/name")
+    up.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    up.add_argument("--dry-run", action="store_true", help="list the files and print the model card; no network")
+    up.add_argument("--message", default="", help="commit message")
+
+    sb = sub.add_parser("submit", help="submit train, sweep or upload as a SLURM job (submitit)",
+                        description="Prints the job id and log paths; --wait blocks until the job ends and fails if it failed.")
+    sb.add_argument("kind", choices=["train", "sweep", "upload"])
+    sb.add_argument("--cluster", required=True, help="profile name under slurm/clusters/ (e.g. local) or a .yaml path")
+    sb.add_argument("--config", default="", help="training config (train) or sweep config (sweep)")
+    sb.add_argument("--nodes", type=int, default=0, help="train: nodes (default: the profile's)")
+    sb.add_argument("--shards", type=int, default=0, help="sweep: array tasks (default: one per cell, at most 64)")
+    sb.add_argument("--upload", default="", metavar="REPO", help="train: also submit an upload to REPO that runs if training succeeds")
+    sb.add_argument("--after", default="", metavar="JOBID", help="upload: start only after this job succeeded")
+    sb.add_argument("--pipeline", default="", help="upload: pipeline directory (default: the config's run)")
+    sb.add_argument("--repo", default="", help="upload: Hub repository user/name")
+    sb.add_argument("--dry-run-upload", action="store_true", help="upload: stage and list only (no network)")
+    sb.add_argument("--wait", action="store_true", help="block until the jobs end; exit 1 if any failed")
+    sb.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train and sweep")
+
     be = sub.add_parser("bench", help="measure training, data and sampling speed against the tutorial's way")
     be.add_argument("--quick", action="store_true", help="tiny sizes: checks that every stage runs (CI), no speed claims")
     be.add_argument("--pipeline", default="runs/digits-16px/pipeline", help="trained digits pipeline for the sampling figures")
@@ -132,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             shown = [f"{k}: {row[k]:.6g}" for k in metric_columns(args.metric)]
             print(f"{row['num_images']} images ({args.scheduler}, {args.steps} steps, seed {args.seed}) vs {row['reference_images']} "
                   f"reference images ({row['reference_data']})\n" + "\n".join(shown) + f"\njson: {row['out']}")
+        elif args.command == "upload":
+            from jobs import upload
+
+            upload.run(upload.UploadConfig(pipeline=args.pipeline, repo=args.repo, private=not args.public, dry_run=args.dry_run,
+                                           message=args.message))
+        elif args.command == "submit":
+            from jobs import submit
+
+            return submit.run(args)
         elif args.command == "bench":
             from jobs import bench
 

@@ -37,7 +37,7 @@ def test_dump_round_trips():
 
 
 @pytest.mark.parametrize("override, culprit", [
-    ("train.batchsize=4", "'batchsize'"),
+    ("train.batchsize=4", "unknown key 'train.batchsize'"),
     ("trian.batch_size=4", "'trian'"),
     ("train.batch_size=four", "train.batch_size"),
     ("train.batch_size=1.5", "train.batch_size"),

@@ -1,0 +1,1 @@
+"""SLURM: cluster profiles, submitit launchers and the callables that run on the nodes (see docs/slurm.md)."""

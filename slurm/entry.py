@@ -1,0 +1,116 @@
+"""What runs on the nodes: one callable per job kind, pickled by submitit at submission.
+
+Training handles its own stop signal (ddpm.train.StopRequest: every rank learns of it at the next
+log step, the checkpoint is written collectively) and then requeues the job itself; submitit's own
+handler only calls `checkpoint()` on global rank 0, before the other ranks know anything. Sweep
+shards use submitit's requeue as it is: their unit of work is a cell, and finished cells are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from ddpm.errors import RunStopped
+
+log = logging.getLogger(__name__)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def requeue(max_requeues: int, reason: str) -> None:
+    """Ask SLURM to requeue this job, then wait for it to end this attempt; the next attempt resumes."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        raise RuntimeError(f"{reason}; not requeued: this job was requeued {restarts} times already (max_requeues in the "
+                           f"cluster profile); submit it again to resume from its checkpoint")
+    job = os.environ["SLURM_JOB_ID"]
+    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        # Refused when SLURM requeues the job by itself (preemption, scontrol requeue): it is on its way either way.
+        print(f"{reason}; requeue of job {job} (attempt {restarts + 1}): {r.stderr.strip() or 'accepted'}", flush=True)
+    time.sleep(900)  # SLURM ends this attempt (SIGTERM, which submitit ignores, then SIGKILL after KillWait)
+    raise RuntimeError(f"job {job} asked to be requeued but was not stopped by SLURM within 15 minutes")
+
+
+class TrainTask:
+    """One task per GPU (per node on CPUs): torch.distributed from SLURM's variables, then the training loop."""
+
+    def __init__(self, cfg, max_requeues: int, dist_timeout_min: int):
+        self.cfg, self.max_requeues, self.dist_timeout_min = cfg, max_requeues, dist_timeout_min
+
+    def __call__(self) -> str:
+        import submitit
+
+        from ddpm.train import train
+
+        _setup_logging()
+        # One scheme for devices: every task sees all GPUs of its node and accelerate picks cuda:LOCAL_RANK.
+        # (export()'s default would narrow CUDA_VISIBLE_DEVICES to one GPU, and then cuda:LOCAL_RANK would not exist.)
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ["DDPM_DIST_TIMEOUT_MIN"] = str(self.dist_timeout_min)
+        print(f"task {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on {socket.gethostname()} "
+              f"(master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
+              flush=True)
+        try:
+            path = train(self.cfg)
+        except RunStopped as e:
+            requeue(self.max_requeues, str(e))
+            raise
+        return str(path) if path else ""
+
+
+class SweepShardTask:
+    """Array task i runs shard i/n of the sweep; on the time-limit signal submitit requeues it and done cells are skipped."""
+
+    def __init__(self, cfg, num_shards: int):
+        self.cfg, self.num_shards = cfg, num_shards
+
+    def __call__(self, shard: int) -> str:
+        from jobs import sweep
+
+        _setup_logging()
+        sweep.run(self.cfg, shard=f"{shard}/{self.num_shards}")
+        return f"shard {shard}/{self.num_shards} done"
+
+    def checkpoint(self, shard: int):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, shard)
+
+
+class CliTask:
+    """A `ddpm` command line (upload, sweep --merge, ...) as a job; a non-zero exit fails the job."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> str:
+        from jobs.cli import main
+
+        code = main(self.argv)
+        if code != 0:
+            raise RuntimeError(f"ddpm {' '.join(self.argv)} exited with status {code}")
+        return f"ddpm {self.argv[0]} done"
+
+
+class SweepMergeTask:
+    """After the array: the results table, plot and W&B run from the cells the shards wrote."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self) -> str:
+        from jobs import sweep
+
+        _setup_logging()
+        files = sweep.run(self.cfg, merge=True)
+        return str(files["csv"])

@@ -1,0 +1,185 @@
+"""Submitting jobs with submitit: training (multi-node), sweeps (an array plus a merge), uploads (after training).
+
+Each submission runs from a snapshot of the code: `git stash create` makes a commit of HEAD plus
+any uncommitted changes to tracked files without touching the checkout, and `git archive` unpacks
+it under `<runs_dir>/.code/<sha>/`; the job's working directory and PYTHONPATH point there and the
+SHA goes into the W&B run config, so editing the checkout after submitting changes nothing, and a
+requeued job runs the same code. Relative paths in configs are made absolute at submission.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm.config import Config
+from ddpm.errors import UserError
+from slurm.profile import ClusterProfile, check_shared, python_command, sbatch_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def code_snapshot(dest_root: Path) -> tuple[Path, str]:
+    """(directory, commit) of the code as it is now; the same code reuses the same directory."""
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"code snapshot: git {' '.join(args)} failed in {REPO}: {r.stderr.strip()}")
+        return r.stdout.strip()
+
+    sha = git("stash", "create") or git("rev-parse", "HEAD")  # stash create prints nothing on a clean tree
+    dest = dest_root / sha[:12]
+    if not dest.is_dir():
+        dest_root.mkdir(parents=True, exist_ok=True)
+        tmp = dest_root / f".tmp-{sha[:12]}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True).stdout
+        import io
+
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        tmp.rename(dest)
+    return dest, sha
+
+
+@dataclass
+class Submitted:
+    kind: str
+    job_id: str
+    stdout: Path
+    stderr: Path
+
+    def describe(self) -> str:
+        return f"{self.kind} job {self.job_id}\n  log: {self.stdout}\n  err: {self.stderr}"
+
+
+def _executor(profile: ClusterProfile, folder: Path, kind: str, name: str, code: Path, sha: str, nodes: int | None = None,
+              after: str = ""):
+    import submitit
+
+    binds = [code, folder] + [p for p in (Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")),) if p.exists()]
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues,
+                                python=python_command(profile, REPO / ".venv" / "bin" / "python", binds))
+    params = sbatch_parameters(profile, kind, nodes)  # type: ignore[arg-type]
+    params["setup"] = [*params["setup"], f"export PYTHONPATH={code}", f"export DDPM_GIT_SHA={sha}", "export PYTHONUNBUFFERED=1"]
+    params["additional_parameters"] = {**params.get("additional_parameters", {}), "chdir": str(code)}
+    params["job_name"] = name
+    if after:
+        params["dependency"] = f"afterok:{after}"
+        # If the job it waits on fails, SLURM cancels this one instead of keeping it pending forever.
+        params["additional_parameters"]["kill_on_invalid_dep"] = "yes"
+    ex.update_parameters(**params)
+    return ex
+
+
+def _absolute(cfg: Config) -> Config:
+    """Paths as the submitter meant them: the job runs in the code snapshot, not in the submitter's directory."""
+    data = cfg.data
+    if data.source == "folder" or (data.source == "hf" and Path(data.path).exists()):
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    if data.cache_dir:
+        data = dataclasses.replace(data, cache_dir=str(Path(data.cache_dir).resolve()))
+    return dataclasses.replace(cfg, runs_dir=str(Path(cfg.runs_dir).resolve()), data=data)
+
+
+def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None) -> Submitted:
+    from slurm.entry import TrainTask
+
+    cfg = _absolute(cfg)
+    logs = cfg.run_dir / "slurm"
+    check_shared(profile, **{"the run directory": cfg.run_dir, "the SLURM log folder": logs})
+    code, sha = code_snapshot(Path(cfg.runs_dir) / ".code")
+    ex = _executor(profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes)
+    job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min))
+    return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
+
+
+def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:
+    """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded."""
+    from jobs.sweep import plan
+    from ddpm.sweep import ModelSource
+    from slurm.entry import SweepMergeTask, SweepShardTask
+
+    models = tuple(dataclasses.replace(m, **{k: str(Path(getattr(m, k)).resolve()) for k in ("pipeline", "run") if getattr(m, k)},
+                                       checkpoints=os.path.abspath(m.checkpoints) if m.checkpoints else "") for m in cfg.models)
+    cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()), models=models,
+                              inception_weights=str(Path(cfg.inception_weights).resolve()) if cfg.inception_weights else "")
+    if cfg.reference.startswith("folder:"):
+        cfg = dataclasses.replace(cfg, reference="folder:" + str(Path(cfg.reference[7:]).resolve()))
+    cells = plan(cfg, reuse=False)  # resolved once here: every array task sweeps the same checkpoints
+    shards = max(1, min(shards, len(cells)))
+    logs = cfg.sweep_dir / "slurm"
+    check_shared(profile, **{"the sweep directory": cfg.sweep_dir, "the SLURM log folder": logs})
+    code, sha = code_snapshot(Path(cfg.out_dir) / ".code")
+    ex = _executor(profile, logs / "%j", "sweep", f"sweep-{cfg.name}", code, sha)
+    jobs = ex.map_array(SweepShardTask(cfg, shards), list(range(shards)))
+    array_id = jobs[0].job_id.split("_")[0]
+    merge = _executor(profile, logs / "%j", "cpu", f"merge-{cfg.name}", code, sha, after=array_id).submit(SweepMergeTask(cfg))
+    first = jobs[0]
+    return (Submitted(f"sweep array ({shards} tasks, {len(cells)} cells)", array_id, first.paths.stdout, first.paths.stderr),
+            Submitted("merge", merge.job_id, merge.paths.stdout, merge.paths.stderr))
+
+
+def submit_upload(profile: ClusterProfile, argv: list[str], logs: Path, after: str = "") -> Submitted:
+    from slurm.entry import CliTask
+
+    check_shared(profile, **{"the SLURM log folder": logs})
+    code, sha = code_snapshot(logs.parent / ".code")
+    ex = _executor(profile, logs / "%j", "cpu", "upload", code, sha, after=after)
+    job = ex.submit(CliTask(["upload", *argv]))
+    return Submitted("upload" + (f" (after job {after} succeeds)" if after else ""), job.job_id, job.paths.stdout, job.paths.stderr)
+
+
+# --------------------------------------------------------------------------------------
+# Waiting (the dev cluster and many sites run without accounting, so sacct is not relied on).
+
+
+def job_state(job_id: str) -> str:
+    """The state of a job, or of the worst task of an array: from scontrol while SLURM remembers it, else sacct."""
+    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    states = []
+    for line in r.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        never = fields.get("Reason") == "DependencyNeverSatisfied"  # where kill_on_invalid_dep is not honoured
+        states.append("CANCELLED" if never else fields.get("JobState", "UNKNOWN"))
+    if not states:
+        r = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+        states = [s.split()[0] for s in r.stdout.split() if s.strip()]
+    if not states:
+        return "UNKNOWN"
+    live = [s for s in states if s not in FINAL_STATES]
+    if live:
+        return live[0]
+    bad = [s for s in states if s != "COMPLETED"]
+    return bad[0] if bad else "COMPLETED"
+
+
+def wait(job_ids: list[str], poll_s: float = 5.0) -> dict[str, str]:
+    """Blocks until every job has ended; returns their final states."""
+    last: dict[str, str] = {}
+    while True:
+        states = {j: job_state(j) for j in job_ids}
+        for j, s in states.items():
+            if last.get(j) != s:
+                print(f"job {j}: {s}", flush=True)
+        last = states
+        if all(s in FINAL_STATES or s == "UNKNOWN" for s in states.values()):
+            return states
+        time.sleep(poll_s)
+
+
+def describe_train(cfg: Config, submitted: Submitted, nodes: int, profile: ClusterProfile) -> str:
+    t = cfg.tracking
+    wandb = f"{t.entity + '/' if t.entity else ''}{t.project}, run {cfg.run_name} (group {t.group or cfg.run_name})" if t.wandb else "off"
+    tasks = nodes * max(1, profile.gpus_per_node)
+    return (f"{submitted.describe()}\n  {nodes} node(s) x {max(1, profile.gpus_per_node)} task(s) = world size {tasks} on {profile.name}"
+            f"\n  run dir: {Path(cfg.runs_dir).resolve() / cfg.run_name}\n  W&B: {wandb}")

@@ -1,0 +1,119 @@
+"""Nightly sampling sweeps over the newest checkpoints of the runs named in a YAML file.
+
+    python -m slurm.nightly install --cluster local --runs slurm/nightly.yaml   # scrontab entry (or prints a crontab line)
+    python -m slurm.nightly submit --cluster local --runs slurm/nightly.yaml    # what the entry runs each night
+
+The YAML names the runs, how many of their newest checkpoints to sweep, the cron schedule and the
+sweep grid (the keys of a sweep config but `models` and `name`); each night's sweep is named
+nightly-<date>, so the nights sit side by side in W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ddpm.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "# ddpm nightly sweep: begin", "# ddpm nightly sweep: end"
+
+
+def read_nightly(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"nightly file not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"runs", "newest", "schedule", "sweep"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: runs, newest, schedule, sweep")
+    if not spec.get("runs"):
+        raise ConfigError(f"{path}: runs: give at least one run directory")
+    return spec
+
+
+def sweep_config(path: Path, today: datetime.date | None = None):
+    from ddpm.config import build_config
+    from ddpm.sweep import SweepConfig, validate_sweep
+
+    spec = read_nightly(path)
+    grid = dict(spec.get("sweep") or {})
+    for key in ("models", "name"):
+        if key in grid:
+            raise ConfigError(f"{path}: sweep.{key} is set by the nightly job; remove it")
+    base = path.resolve().parent
+    grid["models"] = [{"run": str((base / r).resolve() if not Path(r).is_absolute() else r), "newest": int(spec.get("newest", 1))}
+                      for r in spec["runs"]]
+    grid["name"] = f"nightly-{(today or datetime.date.today()).isoformat()}"
+    cfg = build_config(SweepConfig, grid)
+    validate_sweep(cfg)
+    return cfg
+
+
+def crontab_line(cluster: str, runs: Path, schedule: str) -> str:
+    cmd = f"cd {shlex.quote(str(REPO))} && .venv/bin/python -m slurm.nightly submit --cluster {shlex.quote(cluster)} --runs {shlex.quote(str(runs))}"
+    return f"{schedule} {cmd} >> {shlex.quote(str(REPO / 'runs' / 'nightly.log'))} 2>&1"
+
+
+def install(cluster: str, runs: Path) -> int:
+    from slurm.profile import load_profile
+
+    profile = load_profile(cluster)
+    spec = read_nightly(runs)
+    line = crontab_line(cluster, runs.resolve(), spec.get("schedule", "0 2 * * *"))
+    current = subprocess.run(["scrontab", "-l"], capture_output=True, text=True)
+    if current.returncode != 0 and "no crontab" not in (current.stderr + current.stdout).lower():
+        print(f"scrontab is not available here ({current.stderr.strip() or 'exit ' + str(current.returncode)}); "
+              f"add this line with `crontab -e` on a login node instead:\n{line}")
+        return 0
+    kept, inside = [], False
+    for existing in current.stdout.splitlines() if current.returncode == 0 else []:
+        if existing.strip() == BEGIN:
+            inside = True
+        if not inside:
+            kept.append(existing)
+        if existing.strip() == END:
+            inside = False
+    block = [BEGIN, f"#SCRON --partition={profile.cpu_job.partition or profile.partition}", f"#SCRON --time={profile.cpu_job.time_min}",
+             *([f"#SCRON --account={profile.account}"] if profile.account else []), line, END]
+    with tempfile.NamedTemporaryFile("w", suffix=".scrontab", delete=False) as f:
+        f.write("\n".join([*kept, *block]) + "\n")
+    r = subprocess.run(["scrontab", f.name], capture_output=True, text=True)
+    Path(f.name).unlink()
+    if r.returncode != 0:
+        raise UserError(f"scrontab refused the entry ({r.stderr.strip()}); add this line with `crontab -e` instead: {line}")
+    print(f"installed in scrontab (see `scrontab -l`):\n{line}")
+    return 0
+
+
+def submit(cluster: str, runs: Path) -> int:
+    from slurm import launch
+    from slurm.profile import load_profile
+
+    cfg = sweep_config(runs)
+    array, merge = launch.submit_sweep(load_profile(cluster), cfg, 64)
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} {cfg.name}\n{array.describe()}\n{merge.describe()}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m slurm.nightly", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["install", "submit"])
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--runs", required=True, type=Path, help="the nightly YAML, e.g. slurm/nightly.yaml")
+    args = p.parse_args(argv)
+    try:
+        return install(args.cluster, args.runs) if args.action == "install" else submit(args.cluster, args.runs)
+    except UserError as e:
+        print(f"nightly {args.action}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

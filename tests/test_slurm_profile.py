@@ -1,0 +1,77 @@
+"""Cluster profiles: the sbatch script each profile produces for each job kind, and bad profiles refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from submitit.slurm.slurm import _make_sbatch_string
+
+from ddpm.errors import ConfigError
+from slurm.profile import check_shared, load_profile, python_command, sbatch_parameters
+
+
+def sbatch(profile, kind: str, nodes: int | None = None) -> list[str]:
+    params = sbatch_parameters(profile, kind, nodes)
+    return _make_sbatch_string(command="python -m x", folder="/shared/logs/%j", **params).splitlines()
+
+
+def test_local_profile_trains_on_two_cpu_nodes_one_task_each():
+    lines = sbatch(load_profile("local"), "train")
+    for flag in ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--partition=debug", "--time=30", "--signal=USR2@60"):
+        assert f"#SBATCH {flag}" in lines
+    assert not any("gpus" in line for line in lines)
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR2" in lines and "export OMP_NUM_THREADS=1" in lines
+
+
+def test_gpu_profile_runs_one_task_per_gpu_and_keeps_the_big_options_off_cpu_jobs():
+    profile = load_profile("example-gpu")
+    train = sbatch(profile, "train", nodes=2)
+    for flag in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--mem=480GB", "--account=my-project",
+                 "--qos=normal", "--constraint=h100", "--exclusive", "--time=1440", "--signal=USR2@300"):
+        assert f"#SBATCH {flag}" in train, flag
+    sweep = sbatch(profile, "sweep")
+    assert "#SBATCH --gpus-per-node=1" in sweep and "#SBATCH --ntasks-per-node=1" in sweep and "#SBATCH --cpus-per-task=8" in sweep
+    cpu = sbatch(profile, "cpu")
+    assert "#SBATCH --partition=cpu" in cpu and "#SBATCH --cpus-per-task=4" in cpu and "#SBATCH --mem=16GB" in cpu
+    assert not any("gpus" in line or "exclusive" in line or "constraint" in line for line in cpu)
+    python = python_command(profile, Path("/repo/.venv/bin/python"), [Path("/runs/.code/abc")])
+    assert python == "apptainer exec --nv --bind /shared/datasets --bind /shared/cache --bind /runs/.code/abc /shared/images/ddpm.sif python"
+    assert python_command(load_profile("local"), Path("/repo/.venv/bin/python"), []) == "/repo/.venv/bin/python"
+
+
+def test_the_profile_signal_replaces_submitits_usr2(tmp_path):
+    path = tmp_path / "usr1.yaml"
+    path.write_text("partition: p\nsignal: USR1\nsignal_lead_s: 200\ntime_min: 60\nsbatch_extra: ['--reservation=big']\n")
+    lines = sbatch(load_profile(str(path)), "train")
+    assert "#SBATCH --signal=USR1@200" in lines and not any("USR2" in line for line in lines)
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in lines and "#SBATCH --reservation=big" in lines
+
+
+@pytest.mark.parametrize("text, message", [
+    ("partition: p\nnodez: 2\n", "unknown key 'nodez'"),
+    ("nodes: 2\n", "partition is required"),
+    ("partition: p\nsignal: KILL\n", "signal: 'KILL' is not one of"),
+    ("partition: p\ntime_min: 1\nsignal_lead_s: 90\n", "signal_lead_s (90) must be shorter than the time limit (1 min)"),
+    ("partition: p\ncontainer: {image: x.sif, bindz: []}\n", "unknown key 'container.bindz'"),
+    ("partition: p\nsbatch_extra: [exclusive]\n", "'exclusive' is not an sbatch option"),
+])
+def test_bad_profiles_are_refused_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        sbatch_parameters(load_profile(str(path)), "train")
+    assert message in str(e.value)
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cluster profile 'nope' not found .*example-gpu, local"):
+        load_profile("nope")
+
+
+def test_logs_on_a_node_local_disk_are_refused_unless_the_profile_allows_it(tmp_path):
+    gpu = load_profile("example-gpu")
+    with pytest.raises(ConfigError, match="the SLURM log folder /tmp/x/slurm is on a node-local disk"):
+        check_shared(gpu, **{"the SLURM log folder": Path("/tmp/x/slurm")})
+    check_shared(gpu, **{"the run directory": Path("/shared/runs/x")})
+    check_shared(load_profile("local"), **{"the run directory": Path("/tmp/x")})
