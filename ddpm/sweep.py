@@ -341,6 +341,7 @@ def plot_results(cfg: SweepConfig, rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     y_key = metric_columns(cfg.metric)[0]
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -358,8 +359,13 @@ def plot_results(cfg: SweepConfig, rows: list[dict], path: Path) -> None:
             err = [float(np.std(points[x])) for x in xs]
             ax.errorbar(xs, ys, yerr=err if len(cfg.seeds) > 1 else None, marker="o", capsize=3, label=sch)
         ax.set_xscale("log")
+        values = [r[y_key] for r in rows if r["model"] == model and r[y_key] > 0]
+        if values and max(values) > 5 * min(values):  # one diverging sampler would flatten the others into a line
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xticks(sorted(cfg.steps), [str(s) for s in sorted(cfg.steps)])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("sampling steps")
         ax.set_title(model, fontsize=9)
         ax.grid(alpha=0.3)
