@@ -7,7 +7,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install
+.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
@@ -17,6 +17,7 @@ help:
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
 	@echo "make submit-sweep CLUSTER=local SWEEP=configs/sweeps/x.yaml  sampling sweep as a SLURM array + merge"
 	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
+	@echo "make cluster-up / cluster-down                             the local two-node SLURM cluster (root; slurm/dev/)"
 	@echo "make nightly-install CLUSTER=local NIGHTLY=slurm/nightly.yaml  nightly sweep of the newest checkpoints"
 
 .uv-boot/bin/uv:
@@ -64,3 +65,10 @@ submit-upload: install
 
 nightly-install: install
 	.venv/bin/python -m slurm.nightly install --cluster $(CLUSTER) --runs $(NIGHTLY)
+
+# A real two-node SLURM cluster on this machine (network + UTS namespaces), for development and the tests.
+cluster-up:
+	slurm/dev/cluster.sh up
+
+cluster-down:
+	slurm/dev/cluster.sh down

@@ -19,6 +19,15 @@ def run_dir_of(pipeline: Path) -> Path:
     return pipeline.parent
 
 
+def final_grid(run_dir: Path) -> Path | None:
+    """The sample grid the run ended with (summary.json names it)."""
+    try:
+        grid = Path(json.loads((run_dir / "summary.json").read_text())["grid"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return grid if grid.is_file() else None
+
+
 def model_card(pipeline: Path, repo_id: str) -> str:
     """README.md for the Hub: metadata for search, what was trained on what, how to sample, the figures measured."""
     run_dir = run_dir_of(pipeline)
@@ -37,8 +46,10 @@ def model_card(pipeline: Path, repo_id: str) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {repo_id.split('/')[-1]}", "",
              f"A DDPM (`UNet2DModel` + `DDPMScheduler`) generating {unet['sample_size']}x{unet['sample_size']} images, trained on {dataset}.", ""]
-    if (run_dir / "samples" / "final.png").is_file():
-        lines += ["![samples](samples.png)", "", "EMA weights, DDIM 25 steps, seeds 0-63.", ""]
+    if final_grid(run_dir):
+        t = cfg.get("train", {})
+        lines += ["![samples](samples.png)", "",
+                  f"EMA weights, {t.get('sample_scheduler', 'ddim')} {t.get('sample_steps', 25)} steps, seeds 0-{t.get('sample_images', 64) - 1}.", ""]
     lines += ["## Usage", "", "```python", "from diffusers import DDPMPipeline, DDIMScheduler", "",
               f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
               'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")',
@@ -73,6 +84,6 @@ def stage(pipeline: Path, repo_id: str, out: Path) -> list[Path]:
     (out / "README.md").write_text(model_card(pipeline, repo_id))
     if (run_dir / "config.yaml").is_file():
         shutil.copy(run_dir / "config.yaml", out / "training_config.yaml")
-    if (run_dir / "samples" / "final.png").is_file():
-        shutil.copy(run_dir / "samples" / "final.png", out / "samples.png")
+    if final_grid(run_dir):
+        shutil.copy(final_grid(run_dir), out / "samples.png")
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

@@ -38,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{array.describe()}\n{merge.describe()}\n  results: {Path(cfg.out_dir).resolve() / cfg.name}", flush=True)
         submitted += [array, merge]
     else:
-        if not args.repo or not args.pipeline:
-            raise UserError("submit upload: --pipeline and --repo are required")
         pipeline = Path(args.pipeline).resolve()
         argv = ["--pipeline", str(pipeline), "--repo", args.repo, *(["--dry-run"] if args.dry_run_upload else [])]
         up = launch.submit_upload(profile, argv, pipeline.parent / "slurm", after=args.after)

@@ -24,6 +24,7 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("submitit").propagate = False  # it has its own handler: once is enough
 
 
 def requeue(max_requeues: int, reason: str) -> None:

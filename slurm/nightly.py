@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,9 @@ def install(cluster: str, runs: Path) -> int:
     profile = load_profile(cluster)
     spec = read_nightly(runs)
     line = crontab_line(cluster, runs.resolve(), spec.get("schedule", "0 2 * * *"))
+    if shutil.which("scrontab") is None:
+        print(f"scrontab is not installed here; add this line with `crontab -e` on a login node instead:\n{line}")
+        return 0
     current = subprocess.run(["scrontab", "-l"], capture_output=True, text=True)
     if current.returncode != 0 and "no crontab" not in (current.stderr + current.stdout).lower():
         print(f"scrontab is not available here ({current.stderr.strip() or 'exit ' + str(current.returncode)}); "

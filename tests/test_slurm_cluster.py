@@ -1,0 +1,164 @@
+"""On the real two-node SLURM cluster of slurm/dev (`make cluster-up`): multi-node training, an upload that
+waits for it, a sweep array with its merge, and a preempted job that requeues itself and resumes.
+
+Skipped when no cluster answers, unless DDPM_REQUIRE_SLURM=1 (set by .ci/run, which starts the cluster):
+then a missing cluster fails the suite instead of hiding the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import DDPMPipeline
+
+from tests.conftest import TINY_MODEL, run_cli
+
+
+def _cluster_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and any(s.startswith(("idle", "mix", "alloc", "comp")) for s in r.stdout.split())
+
+
+if not _cluster_answers():
+    if os.environ.get("DDPM_REQUIRE_SLURM") == "1":
+        raise RuntimeError("DDPM_REQUIRE_SLURM=1 but no SLURM cluster answers: run `make cluster-up` (as root)")
+    pytest.skip("no SLURM cluster (make cluster-up)", allow_module_level=True)
+
+pytestmark = pytest.mark.slurm
+
+# 300 steps of the tiny model on two 1-CPU nodes: about half a minute of training.
+TRAIN = [*TINY_MODEL, "data.resolution=8", "train.batch_size=16", "train.max_steps=300", "train.log_every=5",
+         "train.checkpoint_every=100", "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2",
+         "train.mixed_precision=fp32", "optim.warmup_steps=10", "tracking.wandb=false"]
+
+
+def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    r = run_cli("submit", *args, timeout=timeout)
+    print(r.stdout, r.stderr)
+    return r
+
+
+def job_ids(stdout: str) -> dict[str, str]:
+    """{"train": "12", "upload (after job 12 succeeds)": "13", ...} from the submit command's output."""
+    out = {}
+    for line in stdout.splitlines():
+        if " job " in line and not line.startswith(" "):
+            kind, _, job = line.rpartition(" job ")
+            out[kind] = job.strip()
+    return out
+
+
+def scontrol(job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=True).stdout
+    return dict(f.split("=", 1) for f in text.split() if "=" in f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm") / "runs"
+
+
+@pytest.fixture(scope="module")
+def trained(runs) -> tuple[Path, dict[str, str]]:
+    """A two-node run to the end, with an upload job (dry run) that waits on it."""
+    r = submit("train", "--cluster", "local", "--wait", "--upload", "someone/tiny-digits", "--dry-run-upload",
+               "name=two-nodes", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world size 2 on local" in r.stdout
+    return runs / "two-nodes", job_ids(r.stdout)
+
+
+def test_two_node_training_runs_one_rank_per_node_and_exports_once(trained):
+    run_dir, jobs = trained
+    logs = run_dir / "slurm" / jobs["train"]
+    rank0 = (logs / f"{jobs['train']}_0_log.out").read_text()
+    rank1 = (logs / f"{jobs['train']}_1_log.out").read_text()
+    assert "rank 0 of 2 on ddpm-n1: device cpu" in rank0 and "rank 1 of 2 on ddpm-n2: device cpu" in rank1
+    assert "exported" in rank0 and "exported" not in rank1  # rank 0 alone writes the pipeline
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 300
+    assert (run_dir / "pipeline" / "model_index.json").is_file()
+    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".old-*"))
+    # The job ran from the code snapshot, not from the checkout.
+    assert scontrol(jobs["train"])["WorkDir"].startswith(str(run_dir.parent / ".code"))
+
+
+def test_the_upload_job_starts_only_after_training_succeeded(trained):
+    run_dir, jobs = trained
+    upload = next(v for k, v in jobs.items() if k.startswith("upload"))
+    train_info, upload_info = scontrol(jobs["train"]), scontrol(upload)
+    assert upload_info["JobState"] == "COMPLETED" and upload_info["Dependency"] in ("(null)", f"afterok:{jobs['train']}(unfulfilled)")
+    assert upload_info["StartTime"] >= train_info["EndTime"]  # ISO timestamps compare as strings
+    out = (run_dir / "slurm" / upload / f"{upload}_0_log.out").read_text()
+    assert "dry run: would upload" in out and "model_index.json" in out and "README.md" in out
+
+
+def test_a_failed_training_job_cancels_its_upload(runs):
+    r = submit("train", "--cluster", "local", "--wait", "--upload", "someone/x", "--dry-run-upload",
+               "name=fails", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN,
+               "data.source=folder", f"data.path={runs.parent / 'no-such-folder'}")
+    assert r.returncode == 1
+    jobs = job_ids(r.stdout)
+    upload = next(v for k, v in jobs.items() if k.startswith("upload"))
+    assert scontrol(jobs["train"])["JobState"] == "FAILED" and scontrol(upload)["JobState"] == "CANCELLED"
+    err = (runs / "fails" / "slurm" / jobs["train"] / f"{jobs['train']}_0_log.err").read_text()
+    assert "no-such-folder" in err
+
+
+def test_a_sweep_array_and_its_merge(trained, tmp_path):
+    run_dir, _ = trained
+    spec = {"name": "arr", "out_dir": str(tmp_path / "sweeps"), "models": [{"pipeline": str(run_dir / "pipeline")}],
+            "schedulers": ["ddim", "dpmsolver++"], "steps": [2, 4], "num_images": 8, "batch_size": 8, "grid_images": 4,
+            "metric": "digitsnet", "device": "cpu", "precision": "fp32", "tracking": {"wandb": False}}
+    config = tmp_path / "arr.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    r = submit("sweep", "--cluster", "local", "--config", str(config), "--shards", "2", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sweep array (2 tasks, 4 cells)" in r.stdout
+    jobs = job_ids(r.stdout)
+    array = next(v for k, v in jobs.items() if k.startswith("sweep array"))
+    logs = tmp_path / "sweeps" / "arr" / "slurm"
+    assert (logs / f"{array}_0" / f"{array}_0_0_log.out").is_file() and (logs / f"{array}_1" / f"{array}_1_0_log.out").is_file()
+    rows = json.loads((tmp_path / "sweeps" / "arr" / "results.json").read_text())
+    assert len(rows) == 4 and all(r["fd_digitsnet"] > 0 for r in rows)
+
+
+def test_a_preempted_job_requeues_itself_and_ends_where_an_uninterrupted_one_does(trained, runs):
+    reference, _ = trained
+    r = submit("train", "--cluster", "local", "name=preempted", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN)
+    assert r.returncode == 0, r.stderr
+    job = job_ids(r.stdout)["train"]
+    metrics = runs / "preempted" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # signal it mid-run, as SLURM does before a time limit
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if lines and json.loads(lines[-1])["step"] >= 60:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the job did not reach step 60 in 5 minutes")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+
+    from slurm.launch import wait
+
+    assert wait([job], poll_s=3) == {job: "COMPLETED"}
+    info = scontrol(job)
+    assert info["Restarts"] == "1"
+    log = (runs / "preempted" / "slurm" / job / f"{job}_0_log.out").read_text()
+    assert "stop requested (SIGUSR2)" in log and "requeue of job" in log and "resuming" in log
+    assert json.loads((runs / "preempted" / "summary.json").read_text())["steps"] == 300
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(5, 301, 5))  # every log step once: nothing lost, nothing repeated
+    # Exact resume: the same weights as the run that was never interrupted.
+    ours = DDPMPipeline.from_pretrained(runs / "preempted" / "pipeline").unet.state_dict()
+    theirs = DDPMPipeline.from_pretrained(reference / "pipeline").unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
