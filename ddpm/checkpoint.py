@@ -52,7 +52,7 @@ class Checkpoint:
         return (self.path / name).exists()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -105,7 +105,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for p in files:
             _fsync(p)
-        manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / MANIFEST)
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
@@ -149,7 +149,7 @@ def verify(path: Path) -> str | None:
             return f"missing file {name}"
         if p.stat().st_size != expected["bytes"]:
             return f"{name} has {p.stat().st_size} bytes, manifest says {expected['bytes']}"
-        if _sha256(p) != expected["sha256"]:
+        if sha256_file(p) != expected["sha256"]:
             return f"{name} fails its SHA-256 check"
     try:
         json.loads((path / "state.json").read_text())

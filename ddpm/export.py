@@ -59,6 +59,12 @@ def pipeline_from_checkpoint(ckpt_dir: Path) -> DDPMPipeline:
     return DDPMPipeline(unet=unet.eval(), scheduler=build_scheduler(cfg.schedule))
 
 
+def run_dir_of(model: str | Path) -> Path:
+    """The run directory a pipeline (<run>/pipeline) or a checkpoint (<run>/checkpoints/step-N) belongs to."""
+    path = Path(model)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 def load_pipeline(path: str | Path) -> DDPMPipeline:
     """A pipeline directory (DDPMPipeline layout) or a checkpoint directory, with a one-line error for anything else."""
     path = Path(path)

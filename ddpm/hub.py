@@ -13,10 +13,7 @@ from pathlib import Path
 import yaml
 
 from ddpm.errors import UserError
-
-
-def run_dir_of(pipeline: Path) -> Path:
-    return pipeline.parent
+from ddpm.export import run_dir_of
 
 
 def final_grid(run_dir: Path) -> Path | None:

@@ -9,7 +9,6 @@ DDPM_INCEPTION_WEIGHTS variable (the container image sets it).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.error
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ddpm.checkpoint import sha256_file
 from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,14 +27,6 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_cache_dir() -> Path:
@@ -48,12 +40,12 @@ def inception_weights(explicit: str = "", sha256: str = WEIGHTS_SHA256) -> Path:
         path = Path(given)
         if not path.is_file():
             raise UserError(f"Inception weights {path}: no such file (expected {WEIGHTS_FILE}, SHA-256 {sha256[:16]}...)")
-        if _sha256(path) != sha256:
+        if sha256_file(path) != sha256:
             raise UserError(f"Inception weights {path}: SHA-256 mismatch, not {WEIGHTS_FILE} (SHA-256 {sha256[:16]}...)")
         return path
     path = weights_cache_dir() / WEIGHTS_FILE
     if path.is_file():
-        if _sha256(path) == sha256:
+        if sha256_file(path) == sha256:
             return path
         log.warning("cached Inception weights %s fail their SHA-256 check; fetching them again", path)
     url = os.environ.get("DDPM_INCEPTION_URL", WEIGHTS_URL)  # a mirror, for sites that block GitHub
@@ -78,7 +70,7 @@ def _download(url: str, path: Path, sha256: str) -> None:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
-        if _sha256(tmp) != sha256:
+        if sha256_file(tmp) != sha256:
             raise OSError(f"the file from {url} fails its SHA-256 check")
         os.replace(tmp, path)
     finally:

@@ -232,9 +232,9 @@ class CellRunner:
     def _reference_features(self, cell: Cell, resolution: int) -> tuple[np.ndarray, str]:
         from ddpm.evaluate import feature_space, reference_data, reference_features
 
-        path = Path(cell.path)
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        data = reference_data(self.cfg.reference, resolution, run_dir)
+        from ddpm.export import run_dir_of
+
+        data = reference_data(self.cfg.reference, resolution, run_dir_of(cell.path))
         key = (data.source, data.path, data.split, resolution)
         if key not in self._reference:
             if resolution not in self._spaces:

@@ -41,8 +41,10 @@ def run(cfg: EvaluateConfig) -> dict:
 
     if not cfg.pipeline:
         raise ConfigError("--pipeline is required (a pipeline or checkpoint directory)")
+    from ddpm.export import run_dir_of
+
     path = Path(cfg.pipeline).resolve()
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    run_dir = run_dir_of(path)
     out = Path(cfg.out) if cfg.out else run_dir / "evaluation" / f"{cfg.metric}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json"
     sweep = SweepConfig(name=out.stem, out_dir=str(out.parent), models=(ModelSource(pipeline=str(path)),),
                         schedulers=(cfg.scheduler,), steps=(cfg.steps,), seeds=(cfg.seed,), num_images=cfg.num_images,

@@ -72,8 +72,9 @@ def _group(cfg: SweepConfig, rows: list[dict]) -> str:
     """The W&B group of the training run the first model comes from, so its sweeps sit beside it; else the sweep name."""
     from ddpm.config import load_config
 
-    path = Path(rows[0]["model_path"])
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    from ddpm.export import run_dir_of
+
+    run_dir = run_dir_of(rows[0]["model_path"])
     try:
         run_cfg = load_config(run_dir / "config.yaml")
     except Exception:  # a pipeline from elsewhere (the Hub, a copy): no training run to sit beside
