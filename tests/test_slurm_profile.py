@@ -75,3 +75,31 @@ def test_logs_on_a_node_local_disk_are_refused_unless_the_profile_allows_it(tmp_
         check_shared(gpu, **{"the SLURM log folder": Path("/tmp/x/slurm")})
     check_shared(gpu, **{"the run directory": Path("/shared/runs/x")})
     check_shared(load_profile("local"), **{"the run directory": Path("/tmp/x")})
+
+
+def test_nightly_file_becomes_a_dated_sweep_over_the_newest_checkpoints(tmp_path):
+    import datetime
+
+    from slurm.nightly import sweep_config
+
+    (tmp_path / "nightly.yaml").write_text("runs: [runs/a, /abs/b]\nnewest: 3\nsweep: {schedulers: [ddim], steps: [10], metric: digitsnet}\n")
+    cfg = sweep_config(tmp_path / "nightly.yaml", today=datetime.date(2026, 11, 25))
+    assert cfg.name == "nightly-2026-11-25" and cfg.schedulers == ("ddim",) and cfg.metric == "digitsnet"
+    assert [(m.run, m.newest) for m in cfg.models] == [(str(tmp_path / "runs" / "a"), 3), ("/abs/b", 3)]
+    (tmp_path / "bad.yaml").write_text("runs: [a]\nsweep: {name: x}\n")
+    with pytest.raises(ConfigError, match="sweep.name is set by the nightly job"):
+        sweep_config(tmp_path / "bad.yaml")
+
+
+def test_nightly_install_without_scrontab_prints_the_crontab_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "nightly.yaml").write_text("runs: [runs/a]\nschedule: '30 3 * * *'\n")
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no scrontab on this PATH
+    r = subprocess.run([sys.executable, "-m", "slurm.nightly", "install", "--cluster", "local", "--runs", str(tmp_path / "nightly.yaml")],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("30 3 * * * cd ") and "-m slurm.nightly submit --cluster local --runs" in line
