@@ -25,7 +25,7 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tiny, tmp_path):
 
 
 def test_unknown_key(tiny):
-    assert_one_line_error(run_cli("train", *tiny("train.bach_size=4")), "'bach_size'", "valid keys")
+    assert_one_line_error(run_cli("train", *tiny("train.bach_size=4")), "unknown key 'train.bach_size'", "valid keys")
 
 
 def test_missing_config_file(tmp_path):

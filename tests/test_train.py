@@ -135,8 +135,10 @@ def test_wandb_offline_run_keeps_config_history_and_images_and_resumes_the_same_
     assert any(h.get("samples/_type") == "image-file" for h in history), "sample grids are logged as images"
     assert list((cfg.run_dir / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))
 
+    # W&B names offline directories by the second and the run id: a launch within the same second would write its
+    # run file over the first one's. A real resume is never that quick; wait past the second.
+    time.sleep(1.1)
     run_tiny(tiny("tracking.wandb=true", "train.sample_every=2", name="tracked"))
-    # (W&B names offline directories by the second and the run id: two launches within one second share one.)
     files = sorted((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert {wandb_files.run_id(f) for f in files} == {run_id}, "the resumed launch continues the same W&B run"
     assert 6 in [h["_step"] for f in files for h in wandb_files.history(f) if "loss" in h]
