@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
+from ddpm.files import unique_suffix
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
 
 def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, show_progress: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp = path.parent / f".tmp-{path.name}-{unique_suffix()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     res, size = cfg.resolution, cfg.shard_size

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
+from ddpm.files import unique_suffix
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def digits_feature_net(resolution: int, cache_dir: Path) -> DigitsNet:
         accuracy = (net(x).argmax(1) == labels).float().mean().item()
     log.info("trained the %s feature net at %dpx: %.1f%% training accuracy", METRIC_NAME, resolution, 100 * accuracy)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(net.state_dict(), path)
+    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
+    save_file(net.state_dict(), tmp)
+    os.replace(tmp, path)  # shards training it at once: each rename is whole, and the nets are identical
     return net.eval()
 
 
@@ -208,7 +211,7 @@ def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarr
         chunks.append(space(cache.take(indices[i:i + 1000])))
     feats = np.concatenate(chunks)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp.npy")
     np.save(tmp, feats)
     os.replace(tmp, path)  # concurrent shards may both compute it; each rename is whole
     return feats

@@ -11,13 +11,14 @@ from pathlib import Path
 from diffusers import DDPMPipeline
 
 from ddpm.errors import UserError
+from ddpm.files import unique_suffix
 
 
 def export_pipeline(pipeline: DDPMPipeline, out_dir: Path) -> Path:
     """Save atomically: written beside the target, then swapped in, so a reader never sees half a pipeline."""
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{unique_suffix()}"
+    old = out_dir.parent / f".old-{out_dir.name}-{unique_suffix()}"
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
     if out_dir.exists():

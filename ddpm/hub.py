@@ -64,6 +64,8 @@ def model_card(pipeline: Path, repo_id: str) -> str:
         lines += ["", "## Evaluation", "", "| metric | value | images | sampler | steps |", "|---|---|---|---|---|"]
         for path in evaluations:
             row = json.loads(path.read_text())
+            if Path(row.get("model_path", "")).resolve() != pipeline.resolve():
+                continue  # an evaluation of a checkpoint, not of the weights being published
             for key in ("fid", "kid", "fd_digitsnet", "kd_digitsnet"):
                 if key in row:
                     lines.append(f"| {key} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | {row['steps']} |")

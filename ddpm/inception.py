@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ddpm.checkpoint import sha256_file
 from ddpm.errors import UserError
+from ddpm.files import unique_suffix
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def inception_weights(explicit: str = "", sha256: str = WEIGHTS_SHA256) -> Path:
 def _download(url: str, path: Path, sha256: str) -> None:
     """Into a temporary file beside the target, checked, then renamed: never a half file under the real name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}.{unique_suffix()}.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None

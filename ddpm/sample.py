@@ -136,12 +136,13 @@ def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2) -> Image.Ima
     return grid
 
 
-def save_images(images: np.ndarray, seeds: list[int], out_dir: Path) -> Path:
-    """One PNG per image named by its seed, plus grid.png; returns the grid's path."""
+def save_images(images: np.ndarray, seeds: list[int], out_dir: Path, grid_images: int = 64) -> Path:
+    """One PNG per image named by its seed, plus grid.png of the first `grid_images`; returns the grid's path.
+    (A grid of all of them would be tens of GB for an FID-sized sample.)"""
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for img, seed in zip(images, seeds):
         Image.fromarray(img).save(image_dir / f"seed-{seed:06d}.png")
     grid_path = out_dir / "grid.png"
-    make_grid(images).save(grid_path)
+    make_grid(images[:grid_images]).save(grid_path)
     return grid_path

@@ -29,6 +29,7 @@ import numpy as np
 
 from ddpm.config import TrackingConfig, build_config, read_tree, to_dict
 from ddpm.errors import ConfigError, UserError
+from ddpm.files import unique_suffix, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,22 @@ def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     if not cfg.name:
         cfg.name = Path(path).stem
     validate_sweep(cfg)
-    return cfg
+    return absolute_paths(cfg)
+
+
+def absolute_paths(cfg: SweepConfig) -> SweepConfig:
+    """Paths as meant where the config was read, so a SLURM job (run from a code snapshot) and a local rerun agree."""
+    import dataclasses
+
+    models = tuple(dataclasses.replace(m, pipeline=m.pipeline and str(Path(m.pipeline).resolve()), run=m.run and str(Path(m.run).resolve()),
+                                       checkpoints=m.checkpoints and os.path.abspath(m.checkpoints)) for m in cfg.models)
+    reference = cfg.reference
+    if reference.startswith("folder:"):
+        reference = "folder:" + str(Path(reference.removeprefix("folder:")).resolve())
+    elif reference.endswith((".yaml", ".yml")):
+        reference = str(Path(reference).resolve())
+    return dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()), models=models, reference=reference,
+                               inception_weights=cfg.inception_weights and str(Path(cfg.inception_weights).resolve()))
 
 
 def validate_sweep(cfg: SweepConfig) -> None:
@@ -140,14 +156,13 @@ def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
             if not ckpts:
                 raise UserError(f"models[{i}].run: {m.run} has no valid checkpoint under {Path(m.run) / 'checkpoints'}")
             found.extend(sorted(c.path for c in ckpts))
-    labels = [_label(p.resolve()) for p in found]
-    seen: set[str] = set()
-    out = []
-    for label, path in zip(labels, found):
-        if label not in seen:  # the same model listed twice is swept once
-            seen.add(label)
-            out.append((label, str(path.resolve())))
-    return out
+    out: dict[str, str] = {}  # label -> path
+    for path in (p.resolve() for p in found):
+        label = _label(path)
+        if label in out and out[label] != str(path):
+            raise UserError(f"models: {out[label]} and {path} would share the cell folder {label}; sweep them separately")
+        out[label] = str(path)  # the same model listed twice is swept once
+    return list(out.items())
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
@@ -161,7 +176,7 @@ def config_digest(cfg: SweepConfig) -> str:
 
 def write_plan(cfg: SweepConfig, cells: list[Cell]) -> None:
     cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(cfg.sweep_dir / "plan.json", {"config_digest": config_digest(cfg), "config": to_dict(cfg),
+    write_json(cfg.sweep_dir / "plan.json", {"config_digest": config_digest(cfg), "config": to_dict(cfg),
                                               "cells": [c.__dict__ for c in cells]})
 
 
@@ -191,9 +206,23 @@ def parse_shard(text: str) -> tuple[int, int]:
 # Running cells.
 
 
+def model_fingerprint(path: str) -> str:
+    """Changes when the weights at `path` change: a checkpoint's EMA SHA-256 from its manifest, or the size and
+    modification time of a pipeline's UNet weights (an export replaces them), without hashing gigabytes."""
+    p = Path(path)
+    try:
+        if (p / "manifest.json").is_file():
+            return json.loads((p / "manifest.json").read_text())["files"]["ema.safetensors"]["sha256"]
+        weights = sorted((p / "unet").glob("diffusion_pytorch_model*"))
+        return ";".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
-    """What decides a cell's result: a row made with other settings is recomputed."""
-    return {"cell": cell.id, "model": cell.model, "model_path": cell.path, "scheduler": cell.scheduler, "steps": cell.steps,
+    """What decides a cell's result: a row made with other settings, or with other weights, is recomputed."""
+    return {"cell": cell.id, "model": cell.model, "model_path": cell.path, "model_fingerprint": model_fingerprint(cell.path),
+            "scheduler": cell.scheduler, "steps": cell.steps,
             "seed": cell.seed, "num_images": cfg.num_images, "metric": cfg.metric, "reference": cfg.reference,
             "reference_images_asked": cfg.reference_images, "precision_setting": cfg.precision}
 
@@ -247,7 +276,7 @@ class CellRunner:
     def run(self, cell: Cell) -> dict:
         import torch
 
-        from ddpm.sample import generate, make_grid, make_sampler, save_images
+        from ddpm.sample import generate, make_sampler, save_images
 
         cfg = self.cfg
         pipe = self._pipeline(cell)
@@ -259,8 +288,7 @@ class CellRunner:
         start = time.perf_counter()
         images = generate(pipe.unet, sampler, seeds, cell.steps, cfg.batch_size, self.device, self.autocast, progress=True)
         seconds = time.perf_counter() - start
-        save_images(images, seeds, out)
-        make_grid(images[:cfg.grid_images]).save(out / "grid.png")
+        save_images(images, seeds, out, grid_images=cfg.grid_images)
         row = {**cell_settings(cfg, cell), "seconds_per_image": seconds / len(images), "device": str(self.device),
                "precision": self.precision, "checkpoint_step": _step_of(cell.path)}
         if cfg.metric != "none":
@@ -269,7 +297,7 @@ class CellRunner:
             ref, described = self._reference_features(cell, pipe.unet.config.sample_size)
             space = self._spaces[pipe.unet.config.sample_size]
             row.update({"reference_data": described, "reference_images": len(ref), **distances(cfg.metric, space(images), ref)})
-        _write_json(out / "row.json", row)
+        write_json(out / "row.json", row)
         return row
 
 
@@ -324,13 +352,13 @@ def collect_rows(cfg: SweepConfig, cells: list[Cell]) -> list[dict]:
 def write_results(cfg: SweepConfig, rows: list[dict]) -> dict[str, Path]:
     out = cfg.sweep_dir
     columns = [c for c in COLUMNS[:6] + metric_columns(cfg.metric) + COLUMNS[6:] if any(c in r for r in rows)]
-    tmp = out / f".results.csv.{os.getpid()}"
+    tmp = out / f".results.csv.{unique_suffix()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, out / "results.csv")
-    _write_json(out / "results.json", rows)
+    write_json(out / "results.json", rows)
     plot_results(cfg, rows, out / "plot.png")
     return {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "plot.png"}
 
@@ -376,10 +404,3 @@ def plot_results(cfg: SweepConfig, rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

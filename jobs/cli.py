@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--reference-images", type=int, default=0, help="reference images for the statistics (0: all)")
     ev.add_argument("--inception-weights", default="", help="local Inception weights file (default: cached, else downloaded)")
-    ev.add_argument("--out", default="", help="JSON file (default: <run>/evaluation/<metric>-<scheduler>-<steps>steps-<n>img-seed<s>.json)")
+    ev.add_argument("--out", default="", help="JSON file (default: <run>/evaluation/<metric>-<model>-<scheduler>-<steps>steps-<n>img-seed<s>.json)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ev.add_argument("--no-wandb", action="store_true", help="do not log a W&B evaluate run")

@@ -28,8 +28,8 @@ class EvaluateConfig:
     batch_size: int = 128
     reference_images: int = 0
     inception_weights: str = ""
-    out: str = ""                      # JSON file; "" = <run>/evaluation/<metric>-<scheduler>-<steps>steps-<n>img-seed<seed>.json
-                                       # (the images and grid go to the folder of the same name beside it)
+    out: str = ""                      # JSON file; "" = <run>/evaluation/<metric>-<model>-<scheduler>-<steps>steps-<n>img-seed<seed>.json
+                                       # (images and grid under the folder of the same name beside it, in cells/)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     wandb: bool = True
@@ -45,7 +45,8 @@ def run(cfg: EvaluateConfig) -> dict:
 
     path = Path(cfg.pipeline).resolve()
     run_dir = run_dir_of(path)
-    out = Path(cfg.out) if cfg.out else run_dir / "evaluation" / f"{cfg.metric}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json"
+    out = Path(cfg.out) if cfg.out else (run_dir / "evaluation" /
+                                         f"{cfg.metric}-{path.name}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json")
     sweep = SweepConfig(name=out.stem, out_dir=str(out.parent), models=(ModelSource(pipeline=str(path)),),
                         schedulers=(cfg.scheduler,), steps=(cfg.steps,), seeds=(cfg.seed,), num_images=cfg.num_images,
                         batch_size=cfg.batch_size, grid_images=64, metric=cfg.metric, reference=cfg.reference,
@@ -57,11 +58,11 @@ def run(cfg: EvaluateConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1))
     if cfg.wandb:
-        _track(cfg, run_dir, row)
+        _track(cfg, run_dir, out.parent / out.stem, row)
     return {**row, "out": str(out)}
 
 
-def _track(cfg: EvaluateConfig, run_dir: Path, row: dict) -> None:
+def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None:
     from ddpm.config import TrackingConfig, load_config
     from ddpm.sweep import metric_columns
     from ddpm.tracking import Tracker, run_metadata
@@ -74,8 +75,7 @@ def _track(cfg: EvaluateConfig, run_dir: Path, row: dict) -> None:
     if not tracking.wandb:
         return
     name = f"{group}-evaluate-{cfg.metric}"
-    out_dir = run_dir / "evaluation"
-    (out_dir / "wandb_run_id").unlink(missing_ok=True)  # every evaluation is a run of its own
+    # One W&B run per evaluation output (its id kept beside its images): rerunning it updates that run.
     tracker = Tracker(tracking, out_dir, name, {"evaluate": dict(cfg.__dict__), "run": run_metadata()}, job_type="evaluate", group=group)
     tracker.summarize({k: row[k] for k in [*metric_columns(cfg.metric), "num_images", "seed", "steps", "scheduler"] if k in row})
     tracker.finish()

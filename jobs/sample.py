@@ -58,7 +58,7 @@ def run(cfg: SampleConfig) -> Path:
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
     images = generate(unet, sampler, seeds, cfg.steps, cfg.batch_size, device, autocast, progress=True)
     out = cfg.out_dir
-    grid = save_images(images, seeds, out)
+    grid = save_images(images, seeds, out, grid_images=len(images))  # what was asked for, as before
     (out / "settings.json").write_text(json.dumps({**asdict(cfg), "device": str(device), "precision": precision}, indent=1))
     log.info("wrote %d images and %s", len(images), grid)
     return out

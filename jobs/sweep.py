@@ -11,24 +11,32 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ddpm.errors import UserError
 from ddpm.sweep import SweepConfig, collect_rows, make_plan, metric_columns, parse_shard, read_plan, run_cells, write_plan, write_results
 
 log = logging.getLogger(__name__)
 
 
-def plan(cfg: SweepConfig, reuse: bool) -> list:
-    """Shards of one array must sweep the same cells even if training writes a checkpoint meanwhile: they reuse
-    the plan written for this config (by the submitter or the first shard); a whole sweep re-resolves its models."""
-    cells = read_plan(cfg) if reuse else None
-    if cells is None:
-        cells = make_plan(cfg)
-        write_plan(cfg, cells)
+def plan(cfg: SweepConfig) -> list:
+    """Resolve the models now (the newest checkpoints of a run change while it trains) and record the cells."""
+    cells = make_plan(cfg)
+    write_plan(cfg, cells)
     return cells
 
 
-def run(cfg: SweepConfig, shard: str = "", merge: bool = False, plan_only: bool = False) -> dict[str, Path] | None:
-    """Returns the result files, or None when only a shard's cells (or only the plan) were done."""
-    cells = plan(cfg, reuse=bool(shard) or merge)
+def run(cfg: SweepConfig, shard: str = "", merge: bool = False, plan_only: bool = False, cells: list | None = None) -> dict[str, Path] | None:
+    """Returns the result files, or None when only a shard's cells (or only the plan) were done.
+
+    Shards and the merge must see the same cells: SLURM tasks get them with the job; by hand, they read
+    the plan that `--plan-only` (or a whole run) wrote for this very config."""
+    if cells is None:
+        if shard or merge:
+            cells = read_plan(cfg)
+            if cells is None:
+                raise UserError(f"no plan for this sweep config in {cfg.sweep_dir}: run `ddpm sweep --config ... --plan-only` once "
+                                f"before the shards (ddpm submit sweep does it for you)")
+        else:
+            cells = plan(cfg)
     log.info("sweep %s: %d cells (%d models x %d schedulers x %d step counts x %d seeds), %d images each, in %s",
              cfg.name, len(cells), len({c.model for c in cells}), len(cfg.schedulers), len(cfg.steps), len(cfg.seeds),
              cfg.num_images, cfg.sweep_dir)

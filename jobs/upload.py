@@ -38,9 +38,16 @@ def run(cfg: UploadConfig) -> str:
 
         if not get_token():
             raise UserError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` (the token is never printed)")
+        from huggingface_hub.errors import HfHubHTTPError
+
         api = HfApi()
-        api.create_repo(cfg.repo, private=cfg.private, exist_ok=True)
-        info = api.upload_folder(repo_id=cfg.repo, folder_path=Path(tmp) / "stage",
-                                 commit_message=cfg.message or f"Upload {pipeline.parent.name} (ddpm)")
+        try:
+            api.create_repo(cfg.repo, private=cfg.private, exist_ok=True)
+            info = api.upload_folder(repo_id=cfg.repo, folder_path=Path(tmp) / "stage",
+                                     commit_message=cfg.message or f"Upload {pipeline.parent.name} (ddpm)")
+        except HfHubHTTPError as e:  # 401/403/404/...: the server's first line says which
+            raise UserError(f"upload to {cfg.repo} failed: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise UserError(f"upload to {cfg.repo} failed: {type(e).__name__}: {e}") from None
         print(f"uploaded {len(files)} files to {info.commit_url if hasattr(info, 'commit_url') else cfg.repo}")
         return cfg.repo

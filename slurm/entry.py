@@ -35,9 +35,16 @@ def requeue(max_requeues: int, reason: str) -> None:
                            f"cluster profile); submit it again to resume from its checkpoint")
     job = os.environ["SLURM_JOB_ID"]
     if int(os.environ.get("SLURM_PROCID", "0")) == 0:
-        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        # Refused when SLURM requeues the job by itself (preemption, scontrol requeue): it is on its way either way.
-        print(f"{reason}; requeue of job {job} (attempt {restarts + 1}): {r.stderr.strip() or 'accepted'}", flush=True)
+        try:
+            r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            refused = r.stderr.strip() if r.returncode != 0 else ""
+        except (OSError, subprocess.TimeoutExpired) as e:  # no scontrol inside the container, a hung controller
+            refused = str(e)
+        if refused:
+            # Fail now rather than sleep into the time limit. (When SLURM is requeueing the job by itself, after a
+            # preemption or an `scontrol requeue`, this is refused too, and the job comes back regardless.)
+            raise RuntimeError(f"{reason}; scontrol requeue {job} failed ({refused}): submit again to resume from the checkpoint")
+        print(f"{reason}; requeue of job {job} (attempt {restarts + 1}): accepted", flush=True)
     time.sleep(900)  # SLURM ends this attempt (SIGTERM, which submitit ignores, then SIGKILL after KillWait)
     raise RuntimeError(f"job {job} asked to be requeued but was not stopped by SLURM within 15 minutes")
 
@@ -72,14 +79,14 @@ class TrainTask:
 class SweepShardTask:
     """Array task i runs shard i/n of the sweep; on the time-limit signal submitit requeues it and done cells are skipped."""
 
-    def __init__(self, cfg, num_shards: int):
-        self.cfg, self.num_shards = cfg, num_shards
+    def __init__(self, cfg, num_shards: int, cells: list):
+        self.cfg, self.num_shards, self.cells = cfg, num_shards, cells  # the cells travel with the job
 
     def __call__(self, shard: int) -> str:
         from jobs import sweep
 
         _setup_logging()
-        sweep.run(self.cfg, shard=f"{shard}/{self.num_shards}")
+        sweep.run(self.cfg, shard=f"{shard}/{self.num_shards}", cells=self.cells)
         return f"shard {shard}/{self.num_shards} done"
 
     def checkpoint(self, shard: int):
@@ -106,12 +113,12 @@ class CliTask:
 class SweepMergeTask:
     """After the array: the results table, plot and W&B run from the cells the shards wrote."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, cells: list):
+        self.cfg, self.cells = cfg, cells
 
     def __call__(self) -> str:
         from jobs import sweep
 
         _setup_logging()
-        files = sweep.run(self.cfg, merge=True)
+        files = sweep.run(self.cfg, merge=True, cells=self.cells)
         return str(files["csv"])

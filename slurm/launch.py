@@ -10,17 +10,20 @@ requeued job runs the same code. Relative paths in configs are made absolute at 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm.config import Config
 from ddpm.errors import UserError
+from ddpm.files import unique_suffix
 from slurm.profile import ClusterProfile, check_shared, python_command, sbatch_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,27 +31,36 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 
 def code_snapshot(dest_root: Path) -> tuple[Path, str]:
-    """(directory, commit) of the code as it is now; the same code reuses the same directory."""
-    def git(*args: str) -> str:
-        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    """(directory, description) of the code as it is in the checkout now, new files included (all but what
+    .gitignore ignores): HEAD's SHA, plus "+dirty:<tree>" when the checkout differs from it. The tree is
+    written through a temporary index, so the checkout and its index stay untouched; the directory is named
+    by the tree, so the same code reuses one snapshot."""
+    def git(*args: str, env: dict | None = None) -> str:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
         if r.returncode != 0:
             raise UserError(f"code snapshot: git {' '.join(args)} failed in {REPO}: {r.stderr.strip()}")
         return r.stdout.strip()
 
-    sha = git("stash", "create") or git("rev-parse", "HEAD")  # stash create prints nothing on a clean tree
-    dest = dest_root / sha[:12]
+    head = git("rev-parse", "HEAD")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        index = Path(tmpdir) / "index"
+        shutil.copy(Path(REPO, git("rev-parse", "--git-path", "index")), index)
+        git("add", "-A", env={"GIT_INDEX_FILE": str(index)})
+        tree = git("write-tree", env={"GIT_INDEX_FILE": str(index)})
+    described = head if tree == git("rev-parse", "HEAD^{tree}") else f"{head}+dirty:{tree[:12]}"
+    dest = dest_root / tree[:16]
     if not dest.is_dir():
         dest_root.mkdir(parents=True, exist_ok=True)
-        tmp = dest_root / f".tmp-{sha[:12]}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = dest_root / f".tmp-{tree[:16]}-{unique_suffix()}"
+        archive = subprocess.run(["git", "archive", "--format=tar", tree], cwd=REPO, capture_output=True, check=True).stdout
         tmp.mkdir()
-        archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True).stdout
-        import io
-
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
-        tmp.rename(dest)
-    return dest, sha
+        try:
+            tmp.rename(dest)
+        except OSError:  # another submission made the same snapshot meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest, described
 
 
 @dataclass
@@ -63,15 +75,22 @@ class Submitted:
 
 
 def _executor(profile: ClusterProfile, folder: Path, kind: str, name: str, code: Path, sha: str, nodes: int | None = None,
-              after: str = ""):
+              after: str = "", binds: list[Path] = ()):
+    """`binds`: what the job reads or writes besides the code and its logs (run and sweep directories, data, weights)."""
     import submitit
 
-    binds = [code, folder] + [p for p in (Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")),) if p.exists()]
+    cache = Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm"))
+    log_root = folder.parent if "%" in folder.name else folder  # submitit fills in %j per job
+    for d in (log_root, cache):
+        d.mkdir(parents=True, exist_ok=True)  # apptainer refuses to bind a path that does not exist
+    mounts = list(dict.fromkeys(str(p.resolve()) for p in (code, log_root, cache, *binds) if p.exists()))
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues,
-                                python=python_command(profile, REPO / ".venv" / "bin" / "python", binds))
+                                python=python_command(profile, REPO / ".venv" / "bin" / "python", [Path(m) for m in mounts]))
     params = sbatch_parameters(profile, kind, nodes)  # type: ignore[arg-type]
     params["setup"] = [*params["setup"], f"export PYTHONPATH={code}", f"export DDPM_GIT_SHA={sha}", "export PYTHONUNBUFFERED=1"]
     params["additional_parameters"] = {**params.get("additional_parameters", {}), "chdir": str(code)}
+    if kind == "train":
+        params["additional_parameters"]["requeue"] = True  # sites may default to --no-requeue; the job requeues itself
     params["job_name"] = name
     if after:
         params["dependency"] = f"afterok:{after}"
@@ -98,7 +117,8 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None)
     logs = cfg.run_dir / "slurm"
     check_shared(profile, **{"the run directory": cfg.run_dir, "the SLURM log folder": logs})
     code, sha = code_snapshot(Path(cfg.runs_dir) / ".code")
-    ex = _executor(profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes)
+    data = [Path(p) for p in (cfg.data.path if cfg.data.source == "folder" else "", cfg.data.cache_dir) if p]
+    ex = _executor(profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes, binds=[Path(cfg.runs_dir), *data])
     job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min))
     return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
 
@@ -106,24 +126,23 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None)
 def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:
     """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded."""
     from jobs.sweep import plan
-    from ddpm.sweep import ModelSource
     from slurm.entry import SweepMergeTask, SweepShardTask
 
-    models = tuple(dataclasses.replace(m, **{k: str(Path(getattr(m, k)).resolve()) for k in ("pipeline", "run") if getattr(m, k)},
-                                       checkpoints=os.path.abspath(m.checkpoints) if m.checkpoints else "") for m in cfg.models)
-    cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()), models=models,
-                              inception_weights=str(Path(cfg.inception_weights).resolve()) if cfg.inception_weights else "")
-    if cfg.reference.startswith("folder:"):
-        cfg = dataclasses.replace(cfg, reference="folder:" + str(Path(cfg.reference[7:]).resolve()))
-    cells = plan(cfg, reuse=False)  # resolved once here: every array task sweeps the same checkpoints
+    cells = plan(cfg)  # resolved once here and sent with the jobs: every task sweeps the same checkpoints
     shards = max(1, min(shards, len(cells)))
     logs = cfg.sweep_dir / "slurm"
     check_shared(profile, **{"the sweep directory": cfg.sweep_dir, "the SLURM log folder": logs})
     code, sha = code_snapshot(Path(cfg.out_dir) / ".code")
-    ex = _executor(profile, logs / "%j", "sweep", f"sweep-{cfg.name}", code, sha)
-    jobs = ex.map_array(SweepShardTask(cfg, shards), list(range(shards)))
+    binds = [Path(cfg.out_dir), *{Path(c.path).parent for c in cells}]
+    if cfg.reference.startswith("folder:"):
+        binds.append(Path(cfg.reference.removeprefix("folder:")))
+    if cfg.inception_weights:
+        binds.append(Path(cfg.inception_weights).parent)
+    ex = _executor(profile, logs / "%j", "sweep", f"sweep-{cfg.name}", code, sha, binds=binds)
+    jobs = ex.map_array(SweepShardTask(cfg, shards, cells), list(range(shards)))
     array_id = jobs[0].job_id.split("_")[0]
-    merge = _executor(profile, logs / "%j", "cpu", f"merge-{cfg.name}", code, sha, after=array_id).submit(SweepMergeTask(cfg))
+    merge = _executor(profile, logs / "%j", "cpu", f"merge-{cfg.name}", code, sha, after=array_id,
+                      binds=binds).submit(SweepMergeTask(cfg, cells))
     first = jobs[0]
     return (Submitted(f"sweep array ({shards} tasks, {len(cells)} cells)", array_id, first.paths.stdout, first.paths.stderr),
             Submitted("merge", merge.job_id, merge.paths.stdout, merge.paths.stderr))
@@ -133,8 +152,8 @@ def submit_upload(profile: ClusterProfile, argv: list[str], logs: Path, after: s
     from slurm.entry import CliTask
 
     check_shared(profile, **{"the SLURM log folder": logs})
-    code, sha = code_snapshot(logs.parent / ".code")
-    ex = _executor(profile, logs / "%j", "cpu", "upload", code, sha, after=after)
+    code, sha = code_snapshot(logs.parent.parent / ".code")  # <runs_dir>/.code, shared with training
+    ex = _executor(profile, logs / "%j", "cpu", "upload", code, sha, after=after, binds=[logs.parent])
     job = ex.submit(CliTask(["upload", *argv]))
     return Submitted("upload" + (f" (after job {after} succeeds)" if after else ""), job.job_id, job.paths.stdout, job.paths.stderr)
 
@@ -153,7 +172,8 @@ def job_state(job_id: str) -> str:
         states.append("CANCELLED" if never else fields.get("JobState", "UNKNOWN"))
     if not states:
         r = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
-        states = [s.split()[0] for s in r.stdout.split() if s.strip()]
+        if r.returncode == 0:  # one line per job, e.g. "CANCELLED by 1234"
+            states = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
     if not states:
         return "UNKNOWN"
     live = [s for s in states if s not in FINAL_STATES]
@@ -166,13 +186,16 @@ def job_state(job_id: str) -> str:
 def wait(job_ids: list[str], poll_s: float = 5.0) -> dict[str, str]:
     """Blocks until every job has ended; returns their final states."""
     last: dict[str, str] = {}
+    unknown = {j: 0 for j in job_ids}
     while True:
         states = {j: job_state(j) for j in job_ids}
         for j, s in states.items():
+            unknown[j] = unknown[j] + 1 if s == "UNKNOWN" else 0
             if last.get(j) != s:
                 print(f"job {j}: {s}", flush=True)
         last = states
-        if all(s in FINAL_STATES or s == "UNKNOWN" for s in states.values()):
+        # UNKNOWN once is a busy controller; ten times in a row, SLURM has forgotten the job.
+        if all(s in FINAL_STATES or unknown[j] >= 10 for j, s in states.items()):
             return states
         time.sleep(poll_s)
 

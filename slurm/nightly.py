@@ -41,7 +41,7 @@ def read_nightly(path: Path) -> dict:
 
 def sweep_config(path: Path, today: datetime.date | None = None):
     from ddpm.config import build_config
-    from ddpm.sweep import SweepConfig, validate_sweep
+    from ddpm.sweep import SweepConfig, absolute_paths, validate_sweep
 
     spec = read_nightly(path)
     grid = dict(spec.get("sweep") or {})
@@ -54,12 +54,13 @@ def sweep_config(path: Path, today: datetime.date | None = None):
     grid["name"] = f"nightly-{(today or datetime.date.today()).isoformat()}"
     cfg = build_config(SweepConfig, grid)
     validate_sweep(cfg)
-    return cfg
+    return absolute_paths(cfg)
 
 
 def crontab_line(cluster: str, runs: Path, schedule: str) -> str:
-    cmd = f"cd {shlex.quote(str(REPO))} && .venv/bin/python -m slurm.nightly submit --cluster {shlex.quote(cluster)} --runs {shlex.quote(str(runs))}"
-    return f"{schedule} {cmd} >> {shlex.quote(str(REPO / 'runs' / 'nightly.log'))} 2>&1"
+    cmd = (f"cd {shlex.quote(str(REPO))} && mkdir -p runs && .venv/bin/python -m slurm.nightly submit --cluster {shlex.quote(cluster)} "
+           f"--runs {shlex.quote(str(runs))} >> runs/nightly.log 2>&1")
+    return f"{schedule} {cmd}"
 
 
 def install(cluster: str, runs: Path) -> int:
@@ -67,6 +68,7 @@ def install(cluster: str, runs: Path) -> int:
 
     profile = load_profile(cluster)
     spec = read_nightly(runs)
+    sweep_config(runs)  # a mistake in the grid shows now, not at 02:00 in a log
     line = crontab_line(cluster, runs.resolve(), spec.get("schedule", "0 2 * * *"))
     if shutil.which("scrontab") is None:
         print(f"scrontab is not installed here; add this line with `crontab -e` on a login node instead:\n{line}")

@@ -103,3 +103,30 @@ def test_nightly_install_without_scrontab_prints_the_crontab_line(tmp_path):
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("30 3 * * * cd ") and "-m slurm.nightly submit --cluster local --runs" in line
+
+
+def test_code_snapshot_takes_uncommitted_and_new_files_and_leaves_the_checkout_alone(tmp_path, monkeypatch):
+    import subprocess
+
+    from slurm import launch
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    (repo / ".gitignore").write_text("runs/\n")
+    (repo / "a.py").write_text("A = 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    (repo / "a.py").write_text("A = 2\n")  # modified, not staged
+    (repo / "b.py").write_text("B = 1\n")  # new, not added
+    (repo / "runs").mkdir()
+    (repo / "runs" / "big.bin").write_text("ignored")
+    before = git("status", "--porcelain")
+    monkeypatch.setattr(launch, "REPO", repo)
+    snap, described = launch.code_snapshot(tmp_path / "code")
+    assert (snap / "a.py").read_text() == "A = 2\n" and (snap / "b.py").read_text() == "B = 1\n" and not (snap / "runs").exists()
+    assert described.startswith(git("rev-parse", "HEAD").strip() + "+dirty:")
+    assert git("status", "--porcelain") == before, "the checkout and its index are untouched"
+    assert launch.code_snapshot(tmp_path / "code")[0] == snap  # the same code, the same snapshot

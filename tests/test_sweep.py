@@ -86,11 +86,21 @@ def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_f
     assert {c: (cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns for c in stamps} == stamps
     again = sweep_job.run(load_sweep_config(sweep_file(num_images=8)))
     assert {r["num_images"] for r in json.loads(again["json"].read_text())} == {8}
+    # New weights at the same path (a re-export) redo the cells too.
+    weights = next((Path(rows[0]["model_path"]) / "unet").glob("diffusion_pytorch_model*"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
+    sweep_job.run(load_sweep_config(sweep_file(num_images=8)))
+    assert all((cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns != t for c, t in stamps.items())
 
 
 def test_two_shards_merged_equal_the_unsharded_sweep(sweep_file, tmp_path):
     whole = json.loads(sweep_job.run(load_sweep_config(sweep_file("whole")))["json"].read_text())
     config = sweep_file("sharded")
+    env = {"DDPM_CACHE": os.environ["DDPM_CACHE"]}
+    r = run_cli("sweep", "--config", str(config), "--shard", "0/2", env=env)
+    assert r.returncode == 2 and "no plan for this sweep config" in r.stderr.strip().splitlines()[-1]
+    assert run_cli("sweep", "--config", str(config), "--plan-only", env=env).returncode == 0
     for shard in ("0/2", "1/2"):  # as two SLURM array tasks would, each in its own process
         r = run_cli("sweep", "--config", str(config), "--shard", shard, env={"DDPM_CACHE": os.environ["DDPM_CACHE"]})
         assert r.returncode == 0, r.stderr
@@ -109,6 +119,7 @@ def test_two_shards_merged_equal_the_unsharded_sweep(sweep_file, tmp_path):
 
 def test_merge_names_the_cells_still_missing(sweep_file):
     config = sweep_file("partial")
+    assert run_cli("sweep", "--config", str(config), "--plan-only").returncode == 0
     assert run_cli("sweep", "--config", str(config), "--shard", "0/2", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]}).returncode == 0
     r = run_cli("sweep", "--config", str(config), "--merge")
     assert r.returncode == 2 and "Traceback" not in r.stderr

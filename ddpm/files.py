@@ -1,0 +1,23 @@
+"""Writing files that other processes, on this node or another, may read or write at the same time."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def unique_suffix() -> str:
+    """For temporary names beside their target: pids repeat across the nodes of a shared filesystem."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Whole or not at all: written to a temporary file, then renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
