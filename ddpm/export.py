@@ -4,7 +4,6 @@ end of training, and built on demand from any checkpoint so sweeps can compare t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
