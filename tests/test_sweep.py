@@ -148,3 +148,14 @@ def test_bad_sweep_configs_fail_in_one_line(sweep_file, change, message):
     r = run_cli("sweep", "--config", str(sweep_file("bad", **change)))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("ddpm sweep: error: ") and message in r.stderr.strip().splitlines()[-1]
+
+
+SWEEP_CONFIGS = Path(__file__).parents[1] / "configs" / "sweeps"
+
+
+@pytest.mark.parametrize("name", sorted({"digits.yaml", *(p.name for p in SWEEP_CONFIGS.glob("*.yaml"))}))
+def test_shipped_sweep_configs_load(name):
+    """The sweep configs the README and Makefile point at exist and are valid."""
+    path = SWEEP_CONFIGS / name
+    cfg = load_sweep_config(path)
+    assert cfg.name == path.stem and cfg.models
