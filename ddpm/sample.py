@@ -122,10 +122,11 @@ def generate(unet: UNet2DModel, sampler: SchedulerMixin, seeds: list[int], steps
     return np.concatenate(out)
 
 
-def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2) -> Image.Image:
-    """A square-ish grid, each cell upscaled (nearest) to at least `min_cell` pixels so small images stay legible."""
+def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2, cols: int = 0) -> Image.Image:
+    """A grid (square-ish unless `cols` is given), each cell upscaled (nearest) to at least `min_cell` pixels so
+    small images stay legible."""
     n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     scale = max(1, math.ceil(min_cell / max(h, w)))
     ch, cw = h * scale, w * scale

@@ -1,0 +1,112 @@
+"""Generate job: images from any pretrained diffusers pipeline (a Hub id or a local directory), with or without prompts.
+
+    ddpm generate --model johnowhitaker/ddpm-butterflies-32px --num-images 16
+    ddpm generate --model sd-dreambooth-library/mr-potato-head \\
+        --prompt "an abstract oil painting of sks mr potato head by picasso" --steps 50 --guidance 7.5
+
+Writes <out>/images/*.png (one per prompt and seed), grid.png (a row per prompt) and settings.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ddpm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""                    # Hub id (user/name) or local directory (pipeline, or a ddpm checkpoint)
+    prompts: list[str] = field(default_factory=list)  # text-to-image only; each gets num_images images
+    negative_prompt: str = ""
+    steps: int = 50
+    guidance: float = 7.5              # classifier-free guidance scale (text-to-image)
+    seed: int = 0                      # image i of every prompt uses seed + i: prompts are compared on the same noise
+    num_images: int = 4                # per prompt
+    batch_size: int = 4
+    dtype: str = "auto"                # auto: fp16 on CUDA, fp32 on the CPU
+    scheduler: str = ""                # "" keeps the pipeline's own; else a name from ddpm.sample.SAMPLERS
+    device: str = "auto"
+    out: str = ""                      # "" is generated/<model>-<time>; an existing non-empty directory is refused
+
+    def validate(self) -> None:
+        from ddpm.sample import SAMPLERS
+
+        if not self.model:
+            raise UserError("--model is required (a Hub id such as johnowhitaker/ddpm-butterflies-32px, or a local directory)")
+        for key in ("steps", "num_images", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be non-negative, got {self.seed}")
+        if self.scheduler and self.scheduler not in SAMPLERS:
+            raise UserError(f"--scheduler: {self.scheduler!r} is not one of {', '.join(SAMPLERS)}")
+        if any(not p.strip() for p in self.prompts):
+            raise UserError("--prompt: an empty prompt")
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.strip("/").replace("/", "--"))[-80:]
+        return Path("generated") / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(cfg: GenerateConfig) -> Path:
+    """Returns the output directory."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from ddpm.files import write_json
+    from ddpm.pretrained import generate_images, load_any_pipeline, pick_dtype, set_sampler, takes_prompt
+    from ddpm.sample import make_grid, resolve_device
+
+    cfg.validate()
+    out = cfg.out_dir()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} already holds files; give a new directory (nothing there is overwritten)")
+    device = resolve_device(cfg.device)[0]
+    dtype = pick_dtype(device, cfg.dtype)
+    pipe = load_any_pipeline(cfg.model, dtype)
+    text = takes_prompt(pipe)
+    if text and not cfg.prompts:
+        raise UserError(f"--model {cfg.model} is a text-to-image pipeline ({type(pipe).__name__}): give --prompt")
+    if not text and cfg.prompts:
+        raise UserError(f"--model {cfg.model} is unconditional ({type(pipe).__name__}): it takes no --prompt")
+    if cfg.scheduler:
+        set_sampler(pipe, cfg.scheduler)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(leave=False, desc="denoising")
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    prompts: list[str | None] = list(cfg.prompts) if text else [None]
+    written, grid_cells = [], []
+    start = time.perf_counter()
+    with tqdm(total=len(prompts) * len(seeds), desc=f"generating with {type(pipe).__name__}", unit="img") as bar:
+        for j, prompt in enumerate(prompts):
+            for seed, image in generate_images(pipe, seeds, cfg.steps, cfg.batch_size, prompt,
+                                               cfg.negative_prompt or None, cfg.guidance):
+                name = f"p{j}-seed-{seed:06d}.png" if text else f"seed-{seed:06d}.png"
+                image.save(out / "images" / name)
+                written.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
+                grid_cells.append(image.convert("RGB"))
+                bar.update(1)
+    seconds = time.perf_counter() - start
+    make_grid(np.stack([np.asarray(im) for im in grid_cells]), cols=len(seeds) if text else 0).save(out / "grid.png")
+    write_json(out / "settings.json", {
+        "model": cfg.model, "pipeline_class": type(pipe).__name__, "text_to_image": text,
+        "scheduler": cfg.scheduler or "pipeline default", "scheduler_class": type(pipe.scheduler).__name__,
+        "steps": cfg.steps, "guidance": cfg.guidance if text else None, "prompts": cfg.prompts,
+        "negative_prompt": cfg.negative_prompt or None, "seed": cfg.seed, "num_images": cfg.num_images,
+        "batch_size": cfg.batch_size, "device": str(device), "dtype": dtype, "torch": torch.__version__,
+        "seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(written), 4),
+        "grid": "grid.png", "images": written})
+    log.info("wrote %d images to %s", len(written), out)
+    return out
