@@ -61,7 +61,7 @@ submit-sweep: install
 	.venv/bin/ddpm submit sweep --cluster $(CLUSTER) --config $(SWEEP) $(if $(WAIT),--wait) $(ARGS)
 
 submit-upload: install
-	.venv/bin/ddpm submit upload --cluster $(CLUSTER) --pipeline $(PIPELINE) --repo $(REPO) $(if $(AFTER),--after $(AFTER)) $(if $(WAIT),--wait) $(ARGS)
+	.venv/bin/ddpm submit upload --cluster $(CLUSTER) --pipeline $(PIPELINE) --repo-id $(REPO) $(if $(AFTER),--after $(AFTER)) $(if $(WAIT),--wait) $(ARGS)
 
 nightly-install: install
 	.venv/bin/python -m slurm.nightly install --cluster $(CLUSTER) --runs $(NIGHTLY)

@@ -1,7 +1,9 @@
-"""Publishing a pipeline on the Hugging Face Hub: a model card written from the run, then one commit.
+"""Publishing a pipeline on the Hugging Face Hub: the folder checked, a model card written from the run, one commit.
 
-The token comes from huggingface_hub's usual places (HF_TOKEN, or the token file that
-`huggingface-cli login` writes); it is never printed or logged.
+What is uploaded is the pipeline itself (model_index.json and the component folders it names), the card,
+the run's training config and its final sample grid; never checkpoints, optimizer states, W&B files or
+caches, whatever else lies in the folder. The token comes from huggingface_hub's usual places (HF_TOKEN,
+or the token file that `hf auth login` writes); it is never printed or logged.
 """
 
 from __future__ import annotations
@@ -25,8 +27,41 @@ def final_grid(run_dir: Path) -> Path | None:
     return grid if grid.is_file() else None
 
 
-def model_card(pipeline: Path, repo_id: str) -> str:
+def pipeline_files(pipeline: Path) -> list[Path]:
+    """model_index.json and the files of the components it names (unet/, scheduler/, ...), relative to `pipeline`."""
+    index_path = pipeline / "model_index.json"
+    if not index_path.is_file():
+        raise UserError(f"--pipeline: {pipeline} is not a pipeline directory (no model_index.json); train first")
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as e:
+        raise UserError(f"--pipeline: {index_path} is not valid JSON ({e})") from None
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    files = [Path("model_index.json")]
+    for name in components:
+        files += sorted(p.relative_to(pipeline) for p in (pipeline / name).rglob("*")
+                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(pipeline).parts))
+    return files
+
+
+def check_pipeline(pipeline: Path) -> str:
+    """Loads the folder as the pipeline class model_index.json names; a partial or broken export is refused.
+    Returns the class name."""
+    from diffusers import DiffusionPipeline
+
+    pipeline_files(pipeline)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pipeline)
+    except Exception as e:  # diffusers raises many types for missing, truncated or mismatched files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--pipeline: {pipeline} does not load ({type(e).__name__}: {first}); "
+                        "a partial or broken export is never uploaded") from None
+    return type(pipe).__name__
+
+
+def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     """README.md for the Hub: metadata for search, what was trained on what, how to sample, the figures measured."""
+    from huggingface_hub import ModelCard, ModelCardData
     run_dir = run_dir_of(pipeline)
     cfg_path = run_dir / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -36,11 +71,10 @@ def model_card(pipeline: Path, repo_id: str) -> str:
     data = cfg.get("data", {})
     dataset = {"digits": "scikit-learn's 8x8 handwritten digits (1,797 images, upscaled)", "folder": "a local image folder",
                "hf": f"the Hugging Face dataset `{data.get('path', '')}`"}.get(data.get("source", ""), "unknown data")
-    front = {"library_name": "diffusers", "license": "mit", "pipeline_tag": "unconditional-image-generation",
-             "tags": ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]}
-    if data.get("source") == "hf":
-        front["datasets"] = [data.get("path", "")]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+    meta = ModelCardData(library_name="diffusers", license=license, pipeline_tag="unconditional-image-generation",
+                         tags=["pytorch", "diffusers", "unconditional-image-generation", "ddpm"],
+                         datasets=[data["path"]] if data.get("source") == "hf" else None)
+    lines = ["---", meta.to_yaml(), "---", "",
              f"# {repo_id.split('/')[-1]}", "",
              f"A DDPM (`UNet2DModel` + `DDPMScheduler`) generating {unet['sample_size']}x{unet['sample_size']} images, trained on {dataset}.", ""]
     if final_grid(run_dir):
@@ -70,17 +104,17 @@ def model_card(pipeline: Path, repo_id: str) -> str:
                 if key in row:
                     lines.append(f"| {key} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | {row['steps']} |")
     lines += ["", "Trained with the `ddpm` tool (config in `training_config.yaml`)."]
-    return "\n".join(lines) + "\n"
+    return str(ModelCard("\n".join(lines) + "\n"))  # parses the header: a malformed card fails here, not on the Hub
 
 
-def stage(pipeline: Path, repo_id: str, out: Path) -> list[Path]:
-    """The folder that becomes the commit: the pipeline, README.md, the run's config and sample grid."""
-    if not (pipeline / "model_index.json").is_file():
-        raise UserError(f"--pipeline: {pipeline} is not a pipeline directory (no model_index.json); train first")
+def stage(pipeline: Path, repo_id: str, out: Path, license: str = "mit") -> list[Path]:
+    """The folder that becomes the commit: the pipeline's own files, README.md, the run's config and sample grid."""
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(pipeline, out)
+    for rel in pipeline_files(pipeline):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pipeline / rel, out / rel)
     run_dir = run_dir_of(pipeline)
-    (out / "README.md").write_text(model_card(pipeline, repo_id))
+    (out / "README.md").write_text(model_card(pipeline, repo_id, license))
     if (run_dir / "config.yaml").is_file():
         shutil.copy(run_dir / "config.yaml", out / "training_config.yaml")
     if final_grid(run_dir):

@@ -4,7 +4,8 @@
     ddpm sample --pipeline DIR [--scheduler NAME] [--steps N] [--num-images N] [--seed S] ...
     ddpm sweep --config FILE [--shard I/N | --merge | --plan-only] [key=value ...]
     ddpm evaluate --pipeline DIR [--reference SPEC] [--num-images N] [--metric inception|digitsnet] ...
-    ddpm upload --pipeline DIR --repo USER/NAME [--dry-run]
+    ddpm upload --pipeline DIR --repo-id USER/NAME [--private|--public] [--revision BRANCH] [--dry-run]
+    ddpm generate --model HUB_ID_OR_DIR [--prompt TEXT]... [--steps N] [--guidance G] [--seed S] [--num-images N] ...
     ddpm submit train|sweep|upload --cluster PROFILE [--config FILE] [--nodes N] [--wait] [key=value ...]
     ddpm bench [--quick] [--out docs/benchmarks.md]
 
@@ -72,12 +73,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ev.add_argument("--no-wandb", action="store_true", help="do not log a W&B evaluate run")
 
-    up = sub.add_parser("upload", help="publish a pipeline with a model card on the Hugging Face Hub")
+    up = sub.add_parser("upload", help="publish a pipeline with a model card on the Hugging Face Hub",
+                        description="Token from HF_TOKEN or `hf auth login`; never from the command line.")
     up.add_argument("--pipeline", required=True, help="runs/<name>/pipeline")
-    up.add_argument("--repo", required=True, help="Hub model repository, user/name")
-    up.add_argument("--public", action="store_true", help="create the repository public (default: private)")
-    up.add_argument("--dry-run", action="store_true", help="list the files and print the model card; no network")
+    up.add_argument("--repo-id", "--repo", required=True, dest="repo_id", help="Hub model repository, user/name")
+    up.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps its visibility)")
+    up.add_argument("--revision", default="", help="branch to commit to (default: main); created when missing")
+    up.add_argument("--license", default="mit", help="the model card's license (default: mit)")
+    up.add_argument("--dry-run", action="store_true", help="list the files with sizes and print the model card; contacts nothing")
     up.add_argument("--message", default="", help="commit message")
+
+    ge = sub.add_parser("generate", help="images from any pretrained diffusers pipeline (Hub id or directory), prompts included",
+                        description="Writes images/*.png, grid.png (a row per prompt) and settings.json to --out.")
+    ge.add_argument("--model", required=True, help="Hub id (e.g. johnowhitaker/ddpm-butterflies-32px) or a local pipeline directory")
+    ge.add_argument("--prompt", action="append", default=[], dest="prompts", help="text-to-image prompt; repeat for several")
+    ge.add_argument("--negative-prompt", default="")
+    ge.add_argument("--steps", type=int, default=50)
+    ge.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (text-to-image)")
+    ge.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    ge.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    ge.add_argument("--batch-size", type=int, default=4)
+    ge.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"], help="auto: fp16 on CUDA, fp32 on the CPU")
+    ge.add_argument("--scheduler", default="", help="swap the pipeline's scheduler: ddim, dpmsolver++, euler, ... (see ddpm/sample.py)")
+    ge.add_argument("--device", default="auto")
+    ge.add_argument("--out", default="", help="output directory (default: generated/<model>-<time>)")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cluster", required=True, help="profile name under slurm/clusters/ (e.g. local) or a .yaml path")
@@ -97,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     ss.add_argument("overrides", nargs="*", metavar="key=value", help="sweep config overrides")
     su = kinds.add_parser("upload", parents=[common], help="a Hub upload as a small CPU job")
     su.add_argument("--pipeline", required=True, help="pipeline directory")
-    su.add_argument("--repo", required=True, help="Hub repository user/name")
+    su.add_argument("--repo-id", "--repo", required=True, dest="repo_id", help="Hub repository user/name")
     su.add_argument("--after", default="", metavar="JOBID", help="start only after this job succeeded")
     su.add_argument("--dry-run-upload", action="store_true", help="stage and list only (no network)")
 
@@ -115,7 +134,7 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -166,8 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "upload":
             from jobs import upload
 
-            upload.run(upload.UploadConfig(pipeline=args.pipeline, repo=args.repo, private=not args.public, dry_run=args.dry_run,
-                                           message=args.message))
+            upload.run(upload.UploadConfig(pipeline=args.pipeline, repo_id=args.repo_id, private=args.private, revision=args.revision,
+                                           license=args.license, dry_run=args.dry_run, message=args.message))
+        elif args.command == "generate":
+            from jobs import generate
+
+            out = generate.run(generate.GenerateConfig(
+                model=args.model, prompts=args.prompts, negative_prompt=args.negative_prompt, steps=args.steps,
+                guidance=args.guidance, seed=args.seed, num_images=args.num_images, batch_size=args.batch_size,
+                dtype=args.dtype, scheduler=args.scheduler, device=args.device, out=args.out))
+            print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}\nsettings: {out / 'settings.json'}")
         elif args.command == "submit":
             from jobs import submit
 

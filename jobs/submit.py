@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         submitted.append(train)
         if args.upload:
             pipeline = Path(cfg.runs_dir).resolve() / cfg.run_name / "pipeline"
-            argv = ["--pipeline", str(pipeline), "--repo", args.upload, *(["--dry-run"] if args.dry_run_upload else [])]
+            argv = ["--pipeline", str(pipeline), "--repo-id", args.upload, *(["--dry-run"] if args.dry_run_upload else [])]
             up = launch.submit_upload(profile, argv, pipeline.parent / "slurm", after=train.job_id)
             print(up.describe(), flush=True)
             submitted.append(up)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         submitted += [array, merge]
     else:
         pipeline = Path(args.pipeline).resolve()
-        argv = ["--pipeline", str(pipeline), "--repo", args.repo, *(["--dry-run"] if args.dry_run_upload else [])]
+        argv = ["--pipeline", str(pipeline), "--repo-id", args.repo_id, *(["--dry-run"] if args.dry_run_upload else [])]
         up = launch.submit_upload(profile, argv, pipeline.parent / "slurm", after=args.after)
         print(up.describe(), flush=True)
         submitted.append(up)
