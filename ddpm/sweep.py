@@ -1,8 +1,9 @@
-"""Sampling sweeps: the grid of models x schedulers x step counts x seeds, one cell at a time.
+"""Sampling sweeps: the grid of models x schedulers x step counts x seeds (x prompts x guidance scales for
+text-to-image pipelines), one cell at a time.
 
 A sweep lives in `<out_dir>/<name>/`:
     plan.json                        the cells, in order, with the models resolved to directories
-    cells/<model>/<scheduler>-<steps>steps-seed<seed>/
+    cells/<model>/<scheduler>-<steps>steps-seed<seed>[-p<prompt>-g<guidance>]/
         images/seed-*.png, grid.png, row.json   (row.json is written last: its presence means done)
     results.csv, results.json, plot.png          written when every cell is done (or by --merge)
 
@@ -38,8 +39,9 @@ SEED_STRIDE = 1_000_000  # image k of a cell with seed s uses seed s * SEED_STRI
 
 @dataclass
 class ModelSource:
-    """One entry of `models`: exactly one of pipeline, checkpoints, run."""
-    pipeline: str = ""                 # a pipeline directory (runs/<name>/pipeline)
+    """One entry of `models`: exactly one of pipeline, checkpoints, run, hub."""
+    pipeline: str = ""                 # a diffusers pipeline directory (runs/<name>/pipeline, or any saved pipeline)
+    hub: str = ""                      # a Hub model id (user/name), fetched once when the sweep is planned
     checkpoints: str = ""              # a glob of checkpoint directories (runs/<name>/checkpoints/step-*)
     run: str = ""                      # a run directory: its `newest` newest valid checkpoints
     newest: int = 1
@@ -53,6 +55,9 @@ class SweepConfig:
     schedulers: tuple[str, ...] = ("ddim",)
     steps: tuple[int, ...] = (25,)
     seeds: tuple[int, ...] = (0,)
+    prompts: tuple[str, ...] = ()      # text-to-image models: a cell per prompt (unconditional models ignore them)
+    guidance_scales: tuple[float, ...] = (7.5,)  # text-to-image models: classifier-free guidance, a cell per scale
+    negative_prompt: str = ""
     num_images: int = 1000             # images per cell; part of every reported figure
     batch_size: int = 128
     grid_images: int = 64              # the first n images of a cell form its grid
@@ -99,10 +104,11 @@ def validate_sweep(cfg: SweepConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(bool(cfg.models), "models: give at least one model (pipeline:, checkpoints: or run:)")
+    need(bool(cfg.models), "models: give at least one model (pipeline:, checkpoints:, run: or hub:)")
     for i, m in enumerate(cfg.models):
-        given = [k for k in ("pipeline", "checkpoints", "run") if getattr(m, k)]
-        need(len(given) == 1, f"models[{i}]: give exactly one of pipeline, checkpoints, run (got {', '.join(given) or 'none'})")
+        given = [k for k in ("pipeline", "checkpoints", "run", "hub") if getattr(m, k)]
+        need(len(given) == 1, f"models[{i}]: give exactly one of pipeline, checkpoints, run, hub (got {', '.join(given) or 'none'})")
+        need(not m.hub or (m.hub.count("/") == 1 and all(m.hub.split("/"))), f"models[{i}].hub: {m.hub!r} is not a Hub id user/name")
         need(m.newest >= 1, f"models[{i}].newest must be at least 1, got {m.newest}")
     need(bool(cfg.schedulers) and bool(cfg.steps) and bool(cfg.seeds), "schedulers, steps and seeds each need at least one value")
     for s in cfg.schedulers:
@@ -111,6 +117,9 @@ def validate_sweep(cfg: SweepConfig) -> None:
     need(all(0 <= s < 2**31 // SEED_STRIDE for s in cfg.seeds), f"seeds must be in 0..{2**31 // SEED_STRIDE - 1}, got {list(cfg.seeds)}")
     need(cfg.num_images >= 1 and cfg.batch_size >= 1 and cfg.grid_images >= 1, "num_images, batch_size and grid_images must be positive")
     need(cfg.metric == "none" or cfg.num_images >= 2, f"num_images: FID/KID need at least 2 images, got {cfg.num_images}")
+    need(all(p.strip() for p in cfg.prompts), "prompts: an empty prompt")
+    need(bool(cfg.guidance_scales) and all(g >= 0 for g in cfg.guidance_scales),
+         f"guidance_scales: need at least one non-negative value, got {list(cfg.guidance_scales)}")
     need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), f"name: {cfg.name!r} is not a valid directory name")
 
 
@@ -125,14 +134,21 @@ class Cell:
     scheduler: str
     steps: int
     seed: int
+    prompt: str | None = None          # text-to-image cells only
+    prompt_index: int = 0
+    guidance: float | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}"
+        text = f"-p{self.prompt_index}-g{self.guidance:g}" if self.prompt is not None else ""
+        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}{text}"
 
 
 def _label(path: Path) -> str:
-    """<run>/<pipeline or step-N>: short, unique within a sweep of runs, and a valid relative path."""
+    """<run>/<pipeline or step-N>, or <user>--<name>/<commit> for a Hub snapshot: short, unique within a sweep of
+    runs, and a valid relative path."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return f"{path.parent.parent.name.removeprefix('models--')}/{path.name[:12]}"
     return f"{path.parent.parent.name if path.parent.name == 'checkpoints' else path.parent.name}/{path.name}"
 
 
@@ -142,7 +158,9 @@ def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
 
     found: list[Path] = []
     for i, m in enumerate(cfg.models):
-        if m.pipeline:
+        if m.hub:
+            found.append(_fetch_hub_model(m.hub, f"models[{i}].hub"))
+        elif m.pipeline:
             if not (Path(m.pipeline) / "model_index.json").is_file():
                 raise UserError(f"models[{i}].pipeline: {m.pipeline} is not a pipeline directory (no model_index.json)")
             found.append(Path(m.pipeline))
@@ -165,9 +183,46 @@ def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
     return list(out.items())
 
 
+def _fetch_hub_model(repo_id: str, key: str) -> Path:
+    """The pipeline's snapshot in the Hugging Face cache (fetched now if missing): cells read it from there, so
+    compute nodes that share the cache need no network, and the folder name is the commit swept."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(repo_id))
+    except Exception as e:  # offline and not cached, unknown repo, no access
+        raise UserError(f"{key}: cannot fetch {repo_id} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                        f"with HF_HUB_OFFLINE=1 run `hf download {repo_id}` first on a machine with network") from None
+
+
+def takes_prompt(path: str) -> bool:
+    """Whether the pipeline saved at `path` is text-conditioned, from the class model_index.json names."""
+    import inspect
+
+    import diffusers
+
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False  # a ddpm checkpoint
+    cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
+    return cls is not None and "prompt" in inspect.signature(cls.__call__).parameters
+
+
 def make_plan(cfg: SweepConfig) -> list[Cell]:
-    return [Cell(label, path, sch, steps, seed) for label, path in resolve_models(cfg)
-            for sch in cfg.schedulers for steps in cfg.steps for seed in cfg.seeds]
+    from ddpm.export import run_dir_of
+
+    cells = []
+    for label, path in resolve_models(cfg):
+        if cfg.metric != "none" and not cfg.reference and not (run_dir_of(path) / "config.yaml").is_file():
+            raise UserError(f"models: {label} has no training run to compare with; give reference: (digits, folder:PATH, "
+                            "hf:NAME[:SPLIT] or a config YAML), or metric: none")
+        text = takes_prompt(path)
+        if text and not cfg.prompts:
+            raise UserError(f"models: {label} is a text-to-image pipeline; give prompts: [...] in the sweep config")
+        variants = [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales] if text else [(None, 0, None)]
+        cells += [Cell(label, path, sch, steps, seed, prompt, j, g) for sch in cfg.schedulers for steps in cfg.steps
+                  for seed in cfg.seeds for prompt, j, g in variants]
+    return cells
 
 
 def config_digest(cfg: SweepConfig) -> str:
@@ -221,10 +276,11 @@ def model_fingerprint(path: str) -> str:
 
 def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
     """What decides a cell's result: a row made with other settings, or with other weights, is recomputed."""
+    text = {"prompt": cell.prompt, "guidance": cell.guidance, "negative_prompt": cfg.negative_prompt} if cell.prompt is not None else {}
     return {"cell": cell.id, "model": cell.model, "model_path": cell.path, "model_fingerprint": model_fingerprint(cell.path),
             "scheduler": cell.scheduler, "steps": cell.steps,
             "seed": cell.seed, "num_images": cfg.num_images, "metric": cfg.metric, "reference": cfg.reference,
-            "reference_images_asked": cfg.reference_images, "precision_setting": cfg.precision}
+            "reference_images_asked": cfg.reference_images, "precision_setting": cfg.precision, **text}
 
 
 def finished_row(cfg: SweepConfig, cell: Cell) -> dict | None:
@@ -250,13 +306,23 @@ class CellRunner:
         self._reference: dict[tuple, tuple[np.ndarray, str]] = {}
 
     def _pipeline(self, cell: Cell):
+        """(pipeline, the scheduler it was saved with); DDPM pipelines and checkpoints run on ddpm.sample's loop,
+        any other pipeline (text-to-image, ...) through its own __call__ in the dtype the precision names."""
         if self._model is None or self._model[0] != cell.path:
-            from ddpm.export import load_pipeline
+            self._model = None  # free the previous model before loading the next
+            if _is_ddpm(cell.path):
+                from ddpm.export import load_pipeline
 
-            pipe = load_pipeline(cell.path)
-            pipe.unet.to(self.device).eval()
-            self._model = (cell.path, pipe)
-        return self._model[1]
+                pipe = load_pipeline(cell.path)
+                pipe.unet.to(self.device).eval()
+            else:
+                from ddpm.pretrained import load_any_pipeline, pick_dtype
+
+                dtype = self.pipeline_dtype = pick_dtype(self.device, self.cfg.precision)
+                pipe = load_any_pipeline(cell.path, dtype).to(self.device)
+                pipe.set_progress_bar_config(disable=True)
+            self._model = (cell.path, pipe, pipe.scheduler)
+        return self._model[1], self._model[2]
 
     def _reference_features(self, cell: Cell, resolution: int) -> tuple[np.ndarray, str]:
         from ddpm.evaluate import feature_space, reference_data, reference_features
@@ -279,26 +345,50 @@ class CellRunner:
         from ddpm.sample import generate, make_sampler, save_images
 
         cfg = self.cfg
-        pipe = self._pipeline(cell)
+        pipe, trained = self._pipeline(cell)
         out = cfg.sweep_dir / "cells" / cell.id
         seeds = [cell.seed * SEED_STRIDE + k for k in range(cfg.num_images)]
-        sampler = make_sampler(cell.scheduler, pipe.scheduler)
+        sampler = make_sampler(cell.scheduler, trained)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        images = generate(pipe.unet, sampler, seeds, cell.steps, cfg.batch_size, self.device, self.autocast, progress=True)
+        if _is_ddpm(cell.path):
+            images = generate(pipe.unet, sampler, seeds, cell.steps, cfg.batch_size, self.device, self.autocast, progress=True)
+        else:
+            from tqdm.auto import tqdm
+
+            from ddpm.pretrained import generate_images
+
+            pipe.scheduler = sampler
+            made = generate_images(pipe, seeds, cell.steps, cfg.batch_size, cell.prompt, cfg.negative_prompt or None,
+                                   cell.guidance if cell.guidance is not None else 0.0)
+            images = np.stack([np.asarray(img.convert("RGB")) for _, img in tqdm(made, total=len(seeds), desc="sampling", unit="img")])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         save_images(images, seeds, out, grid_images=cfg.grid_images)
         row = {**cell_settings(cfg, cell), "seconds_per_image": seconds / len(images), "device": str(self.device),
-               "precision": self.precision, "checkpoint_step": _step_of(cell.path)}
+               "precision": self.precision if _is_ddpm(cell.path) else self.pipeline_dtype, "checkpoint_step": _step_of(cell.path)}
         if cfg.metric != "none":
             from ddpm.evaluate import distances
 
-            ref, described = self._reference_features(cell, pipe.unet.config.sample_size)
-            space = self._spaces[pipe.unet.config.sample_size]
+            resolution = images.shape[1]
+            ref, described = self._reference_features(cell, resolution)
+            space = self._spaces[resolution]
             row.update({"reference_data": described, "reference_images": len(ref), **distances(cfg.metric, space(images), ref)})
         write_json(out / "row.json", row)
         return row
+
+
+def _is_ddpm(path: str) -> bool:
+    """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return True
+    try:
+        return json.loads((p / "model_index.json").read_text()).get("_class_name") == "DDPMPipeline"
+    except (OSError, ValueError):
+        return False
 
 
 def _step_of(path: str) -> int | None:
@@ -333,7 +423,7 @@ def metric_columns(metric: str) -> list[str]:
     return [fd, kd, f"{kd}_std", "seconds_per_image"]
 
 
-COLUMNS = ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "num_images", "metric", "reference_data",
+COLUMNS = ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "prompt", "guidance", "num_images", "metric", "reference_data",
            "reference_images", "kid_subset_size", "device", "precision", "model_path"]
 
 
@@ -351,7 +441,7 @@ def collect_rows(cfg: SweepConfig, cells: list[Cell]) -> list[dict]:
 
 def write_results(cfg: SweepConfig, rows: list[dict]) -> dict[str, Path]:
     out = cfg.sweep_dir
-    columns = [c for c in COLUMNS[:6] + metric_columns(cfg.metric) + COLUMNS[6:] if any(c in r for r in rows)]
+    columns = [c for c in COLUMNS[:8] + metric_columns(cfg.metric) + COLUMNS[8:] if any(c in r for r in rows)]
     tmp = out / f".results.csv.{unique_suffix()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -375,17 +465,18 @@ def plot_results(cfg: SweepConfig, rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models):
-        for sch in cfg.schedulers:
+        # a line per scheduler (and guidance scale, for text-to-image); seeds and prompts are averaged
+        lines = list(dict.fromkeys((r["scheduler"], r.get("guidance")) for r in rows if r["model"] == model))
+        for sch, guidance in lines:
             points: dict[int, list[float]] = {}
             for r in rows:
-                if r["model"] == model and r["scheduler"] == sch:
+                if r["model"] == model and r["scheduler"] == sch and r.get("guidance") == guidance:
                     points.setdefault(r["steps"], []).append(r[y_key])
-            if not points:
-                continue
             xs = sorted(points)
             ys = [float(np.mean(points[x])) for x in xs]
             err = [float(np.std(points[x])) for x in xs]
-            ax.errorbar(xs, ys, yerr=err if len(cfg.seeds) > 1 else None, marker="o", capsize=3, label=sch)
+            label = sch if guidance is None else f"{sch}, guidance {guidance:g}"
+            ax.errorbar(xs, ys, yerr=err if max(len(v) for v in points.values()) > 1 else None, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
         values = [r[y_key] for r in rows if r["model"] == model and r[y_key] > 0]
         if values and max(values) > 5 * min(values):  # one diverging sampler would flatten the others into a line

@@ -37,9 +37,10 @@ def run(cfg: SweepConfig, shard: str = "", merge: bool = False, plan_only: bool 
                                 f"before the shards (ddpm submit sweep does it for you)")
         else:
             cells = plan(cfg)
-    log.info("sweep %s: %d cells (%d models x %d schedulers x %d step counts x %d seeds), %d images each, in %s",
+    text = f" x {len(cfg.prompts)} prompts x {len(cfg.guidance_scales)} guidance scales" if any(c.prompt for c in cells) else ""
+    log.info("sweep %s: %d cells (%d models x %d schedulers x %d step counts x %d seeds%s), %d images each, in %s",
              cfg.name, len(cells), len({c.model for c in cells}), len(cfg.schedulers), len(cfg.steps), len(cfg.seeds),
-             cfg.num_images, cfg.sweep_dir)
+             text, cfg.num_images, cfg.sweep_dir)
     if plan_only:
         return None
     if shard:
@@ -64,6 +65,8 @@ def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
     tracker = Tracker(cfg.tracking, cfg.sweep_dir, cfg.name, {**to_dict(cfg), "run": run_metadata()}, job_type="sweep",
                       group=_group(cfg, rows))
     columns = ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "num_images", *metric_columns(cfg.metric)]
+    if any(r.get("prompt") is not None for r in rows):
+        columns[6:6] = ["prompt", "guidance"]
     table = [[r.get(c) for c in columns] for r in rows]
     grids = {i: cfg.sweep_dir / "cells" / r["cell"] / "grid.png" for i, r in enumerate(rows)}
     # Grids also go in as images of their own: W&B drops the images inside a table in offline runs (wandb#4611).

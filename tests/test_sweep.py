@@ -159,3 +159,58 @@ def test_shipped_sweep_configs_load(name):
     path = SWEEP_CONFIGS / name
     cfg = load_sweep_config(path)
     assert cfg.name == path.stem and cfg.models
+
+
+def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_path):
+    """A text-to-image pipeline named by Hub id, served from a pre-filled Hugging Face cache (offline), swept over
+    prompts x guidance scales; a local unconditional pipeline in the same sweep gets no prompt cells."""
+    from tests import tiny_pipelines
+
+    # the cache layout huggingface_hub reads offline: models--<user>--<name>/{refs/main, snapshots/<commit>/...}
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    tiny_pipelines.text_to_image(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    uncond = tiny_pipelines.unconditional(tmp_path / "uncond" / "pipeline")
+    spec = {"name": "t2i", "out_dir": str(tmp_path / "sweeps"), "models": [{"hub": "someone/tiny-sd"}, {"pipeline": str(uncond)}],
+            "schedulers": ["ddim"], "steps": [2], "seeds": [0], "prompts": ["a red square", "a blue circle"],
+            "guidance_scales": [1.0, 7.5], "num_images": 2, "batch_size": 2, "grid_images": 2, "metric": "none",
+            "device": "cpu", "precision": "auto", "tracking": {"wandb": False}}
+    (tmp_path / "t2i.yaml").write_text(yaml.safe_dump(spec))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("sweep", "--config", str(tmp_path / "t2i.yaml"), env=env)
+    assert r.returncode == 0, r.stderr
+    cfg = load_sweep_config(tmp_path / "t2i.yaml")
+    files = {k: cfg.sweep_dir / f for k, f in (("json", "results.json"), ("csv", "results.csv"), ("plot", "plot.png"))}
+    rows = json.loads(files["json"].read_text())
+    t2i = [r for r in rows if r["model"] == "someone--tiny-sd/0123456789ab"]
+    assert [(r["prompt"], r["guidance"]) for r in t2i] == [(p, g) for p in ("a red square", "a blue circle") for g in (1.0, 7.5)]
+    assert all(r["model_path"] == str(repo / "snapshots" / commit) and r["precision"] == "fp32" for r in t2i)
+    assert [r["cell"] for r in rows if r["model"] == "uncond/pipeline"] == ["uncond/pipeline/ddim-2steps-seed0"]
+    images = {r["cell"]: np.asarray(Image.open(cfg.sweep_dir / "cells" / r["cell"] / "images" / "seed-000000.png")) for r in t2i}
+    assert all(img.shape == (32, 32, 3) for img in images.values())
+    assert len({img.tobytes() for img in images.values()}) == 4  # each prompt and guidance scale changes the image
+    header = files["csv"].read_text().splitlines()[0].split(",")
+    assert header[:8] == ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "prompt", "guidance"]
+    assert files["plot"].is_file()
+    # a rerun skips every cell
+    r = run_cli("sweep", "--config", str(tmp_path / "t2i.yaml"), env=env)
+    assert r.returncode == 0 and "5 of 5 cells already done" in r.stderr
+
+
+def test_a_text_to_image_model_without_prompts_is_refused(tmp_path):
+    from tests import tiny_pipelines
+
+    pipe = tiny_pipelines.text_to_image(tmp_path / "sd" / "pipeline")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "metric": "none", "out_dir": str(tmp_path)}))
+    r = run_cli("sweep", "--config", str(tmp_path / "s.yaml"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("ddpm sweep: error: models: sd/pipeline is a text-to-image pipeline; "
+                                                 "give prompts: [...] in the sweep config")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "prompts": ["x"], "out_dir": str(tmp_path)}))
+    r = run_cli("sweep", "--config", str(tmp_path / "s.yaml"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "ddpm sweep: error: models: sd/pipeline has no training run to compare with; give reference: (digits, folder:PATH, "
+        "hf:NAME[:SPLIT] or a config YAML), or metric: none")
+    assert not (tmp_path / "s" / "cells").exists()
