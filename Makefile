@@ -7,7 +7,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down
+.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
@@ -19,6 +19,9 @@ help:
 	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
 	@echo "make cluster-up / cluster-down                             the local two-node SLURM cluster (root; slurm/dev/)"
 	@echo "make nightly-install CLUSTER=local NIGHTLY=slurm/nightly.yaml  nightly sweep of the newest checkpoints"
+	@echo "make image [BASE_IMAGE=...] [CA_BUNDLE=pem]                  the OCI image ddpm:latest (docker, podman or buildah)"
+	@echo "make sif                                                   ddpm.sif (Apptainer) from that image"
+	@echo "make image-test                                            build on a debootstrapped Debian base and smoke-run (root, buildah)"
 
 .uv-boot/bin/uv:
 	$(PYTHON) -m venv .uv-boot
@@ -72,3 +75,28 @@ cluster-up:
 
 cluster-down:
 	slurm/dev/cluster.sh down
+
+# Containers: containers/Dockerfile (OCI) and containers/ddpm.def (Apptainer, bootstrapped from the OCI image).
+IMAGE ?= ddpm:latest
+# The first engine that answers (a docker client without a daemon does not count); evaluated only by these targets.
+ENGINE ?= $(shell for e in docker podman buildah; do command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+BUILD_ARGS = --build-arg GIT_SHA=$(GIT_SHA) --build-arg LOCK_SHA256=$(shell sha256sum uv.lock | cut -d' ' -f1) \
+	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
+comma := ,
+
+image:
+	@test -n "$(ENGINE)" || { echo "make image: no docker, podman or buildah on this machine" >&2; exit 1; }
+	$(if $(filter buildah,$(ENGINE)),buildah bud --layers,$(ENGINE) build) -f containers/Dockerfile -t $(IMAGE) $(BUILD_ARGS) .
+
+sif:
+	@command -v apptainer >/dev/null || { echo "make sif: apptainer is not installed here; build the .sif on a cluster node from an archive (docs in containers/ddpm.def)" >&2; exit 1; }
+ifeq ($(ENGINE),docker)
+	apptainer build --force ddpm.sif containers/ddpm.def
+else
+	rm -f ddpm.tar && $(ENGINE) push $(IMAGE) docker-archive:ddpm.tar:$(IMAGE)
+	apptainer build --force --build-arg BOOTSTRAP=docker-archive --build-arg FROM=ddpm.tar ddpm.sif containers/ddpm.def
+endif
+
+image-test:
+	containers/image-test.sh

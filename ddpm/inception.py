@@ -4,7 +4,7 @@ FID and KID figures are comparable only when computed with the same network and 
 torch-fidelity's port of the TensorFlow Inception graph used by the reference FID implementation.
 Its weights (95.6 MB) are fetched once into the cache and checked against their SHA-256; compute
 nodes without internet are given the file with `inception_weights` / `--inception-weights` or the
-DDPM_INCEPTION_WEIGHTS variable (the container image sets it).
+DDPM_INCEPTION_WEIGHTS variable; the container image carries a copy (DDPM_BUNDLED_WEIGHTS names its folder).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def inception_weights(explicit: str = "", sha256: str = WEIGHTS_SHA256) -> Path:
         if sha256_file(path) == sha256:
             return path
         log.warning("cached Inception weights %s fail their SHA-256 check; fetching them again", path)
+    bundled = Path(os.environ.get("DDPM_BUNDLED_WEIGHTS", "/nonexistent")) / WEIGHTS_FILE  # the container image's copy
+    if bundled.is_file() and sha256_file(bundled) == sha256:
+        return bundled
     url = os.environ.get("DDPM_INCEPTION_URL", WEIGHTS_URL)  # a mirror, for sites that block GitHub
     how = f"copy {WEIGHTS_FILE} (SHA-256 {sha256[:16]}...) to {path} or pass --inception-weights PATH"
     if os.environ.get("DDPM_OFFLINE") == "1":

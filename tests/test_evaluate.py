@@ -124,3 +124,15 @@ def test_inception_features_and_fid_kid_from_a_checked_weights_file(tmp_path, mo
     scores = distances("inception", feats[:3], feats[3:])
     assert set(scores) == {"fid", "kid", "kid_std", "kid_subset_size"} and scores["kid_subset_size"] == 3
     assert abs(distances("inception", feats, feats)["fid"]) < 1e-3
+
+    # the container image's bundled copy is found without a download, once its checksum holds
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / WEIGHTS_FILE).write_bytes(path.read_bytes())
+    monkeypatch.setenv("DDPM_BUNDLED_WEIGHTS", str(bundled))
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("DDPM_OFFLINE", "1")
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    assert inception_weights(sha256=sha) == bundled / WEIGHTS_FILE
+    with pytest.raises(UserError, match="DDPM_OFFLINE=1 forbids the download"):
+        inception_weights()  # a bundled file that fails the real checksum is not used

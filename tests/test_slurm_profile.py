@@ -36,7 +36,7 @@ def test_gpu_profile_runs_one_task_per_gpu_and_keeps_the_big_options_off_cpu_job
     assert "#SBATCH --partition=cpu" in cpu and "#SBATCH --cpus-per-task=4" in cpu and "#SBATCH --mem=16GB" in cpu
     assert not any("gpus" in line or "exclusive" in line or "constraint" in line for line in cpu)
     python = python_command(profile, Path("/repo/.venv/bin/python"), [Path("/runs/.code/abc")])
-    assert python == "apptainer exec --nv --bind /shared/datasets --bind /shared/cache --bind /runs/.code/abc /shared/images/ddpm.sif python"
+    assert python == "apptainer exec --nv --bind /shared/datasets --bind /shared/cache/ddpm:/cache --bind /runs/.code/abc /shared/images/ddpm.sif python"
     assert python_command(load_profile("local"), Path("/repo/.venv/bin/python"), []) == "/repo/.venv/bin/python"
 
 
