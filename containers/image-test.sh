@@ -70,6 +70,21 @@ print(c["Labels"].get("ddpm.uv-lock.sha256"))')
 [[ $entry == '["ddpm-entrypoint"]' ]] || die "entrypoint is $entry"
 [[ $label_sha == "$git_sha" && $label_lock == "$lock_sha" ]] || die "labels: revision $label_sha, lock $label_lock"
 
+# 3b. A code change (and a new commit) must not reinstall the dependencies: rebuild from a copy of the context
+# with one edited source file and a new GIT_SHA; the dependency layer has to come from the cache.
+probe=$(mktemp -d /tmp/ddpm-image-probe.XXXXXX)
+cp -a pyproject.toml uv.lock README.md .dockerignore ddpm jobs slurm configs containers "$probe/"
+echo "# layer-cache probe" >>"$probe/ddpm/__init__.py"
+probe_log=$(buildah bud --isolation chroot --layers --quiet -f containers/Dockerfile -t localhost/ddpm:layer-probe \
+  --build-arg "BASE_IMAGE=$BASE" --build-arg INCEPTION_WEIGHTS=none --build-arg GIT_SHA=probe \
+  --build-arg "LOCK_SHA256=$lock_sha" "${secret[@]}" "$probe" 2>&1 >/dev/null)
+rm -rf "$probe"
+buildah rmi localhost/ddpm:layer-probe >/dev/null 2>&1 || true
+if grep -qE "Installed [0-9]{2,} packages" <<<"$probe_log"; then
+  die "a code change reinstalled the dependencies (the dependency layer was not reused)"
+fi
+log "a code change rebuilds only the project layers"
+
 # 4. The smoke job, as the image's user, with runs and the cache mounted from here.
 work=$(mktemp -d /tmp/ddpm-image-test.XXXXXX)
 ctr=$(buildah from --quiet "$IMAGE")
