@@ -7,7 +7,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test
+.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
@@ -19,6 +19,7 @@ help:
 	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
 	@echo "make cluster-up / cluster-down                             the local two-node SLURM cluster (root; slurm/dev/)"
 	@echo "make nightly-install CLUSTER=local NIGHTLY=slurm/nightly.yaml  nightly sweep of the newest checkpoints"
+	@echo "make test-reliability                                      the fault-injection suite with its long variants (20 kills in a row)"
 	@echo "make image [BASE_IMAGE=...] [CA_BUNDLE=pem]                  the OCI image ddpm:latest (docker, podman or buildah)"
 	@echo "make sif                                                   ddpm.sif (Apptainer) from that image"
 	@echo "make image-test                                            build on a debootstrapped Debian base and smoke-run (root, buildah)"
@@ -46,6 +47,12 @@ test: install
 
 # Speed against the tutorial's way, in one run; the sampling figures need the default model (make train).
 BENCH_OUT ?= docs/benchmarks.md
+# Every fault-injection test, the slow variants too; the counts go to reliability-report.jsonl (docs/reliability.md).
+test-reliability: install
+	rm -f reliability-report.jsonl
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true DDPM_RELIABILITY_REPORT=$(CURDIR)/reliability-report.jsonl \
+		.venv/bin/python -m pytest tests/test_reliability.py tests/test_upload.py -m "slow or not slow" $(PYTEST_ARGS)
+
 bench: install
 	@if [[ "$(ARGS)" != *--quick* && ! -f runs/digits-16px/pipeline/model_index.json ]]; then $(MAKE) train; fi
 	.venv/bin/ddpm bench $(if $(findstring --quick,$(ARGS)),,--out $(BENCH_OUT)) $(ARGS)

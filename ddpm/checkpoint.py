@@ -46,10 +46,22 @@ class Checkpoint:
         return load_file(self.path / f"{name}.safetensors")
 
     def torch_state(self, name: str) -> dict:
-        return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=True)
+        return load_plain(self.path / f"{name}.pt")
 
     def has(self, name: str) -> bool:
         return (self.path / name).exists()
+
+
+def load_plain(path: Path) -> dict:
+    """torch.load restricted to tensors and plain containers (weights_only): a checkpoint file that smuggles code
+    in a pickle is refused, never run, whatever its manifest says."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} holds more than tensors and plain data; refusing to unpickle it ({first[:120]})") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -116,8 +128,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [c.name for c in _candidates(ckpt_dir) if c != final]
         kept = f"; the previous checkpoint {previous[0]} is intact" if previous else ""
-        full = e.errno == errno.ENOSPC or any(text in str(e) for text in ("os error 28", "No space left", "file write failed"))
-        reason = "disk full?" if full and e.errno != errno.ENOSPC else "disk full" if full else str(e)
+        # torch.save and safetensors wrap ENOSPC in their own errors ("unexpected pos ...", "file write failed"):
+        # the free space tells, measured against the size of the previous checkpoint.
+        free = shutil.disk_usage(ckpt_dir).free
+        needed = max((sum(f.stat().st_size for f in Path(ckpt_dir, previous[0]).iterdir()) if previous else 0), 1 << 20)
+        full = e.errno == errno.ENOSPC or free < needed or any(t in str(e) for t in ("os error 28", "No space left"))
+        reason = f"disk full: {free / 1e6:.1f} MB free, a checkpoint takes {needed / 1e6:.1f} MB" if full else str(e)
         raise UserError(f"cannot write checkpoint {final} ({reason}){kept}") from None
     # Prune older checkpoints only: never the one just written, even when a (corrupt) newer one exists.
     older = [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX):]) < step]

@@ -21,3 +21,9 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def no_world_writable_files() -> None:
+    """Whatever a job writes (run directories, checkpoints, locks, pipelines) is never writable by other users of a
+    shared machine, whatever umask the job was started with; group write stays the user's choice."""
+    os.umask(os.umask(0) | 0o002)

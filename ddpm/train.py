@@ -22,12 +22,13 @@ from diffusers import DDPMPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import RunLock, latest_checkpoint, save_checkpoint
+from ddpm.checkpoint import RunLock, latest_checkpoint, load_plain, save_checkpoint
 from ddpm.config import Config, dump_yaml, to_dict
 from ddpm.data import BatchLoader, BatchOrder, open_cache, to_model_input
 from ddpm.ema import EMA
 from ddpm.errors import RunStopped, UserError
 from ddpm.export import export_pipeline
+from ddpm.files import write_json
 from ddpm.model import architecture, build_unet
 from ddpm.sample import generate, make_grid, make_sampler
 from ddpm.schedule import NoiseProcess, build_scheduler
@@ -121,6 +122,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         cache = open_cache(cfg.data, show_progress=is_main)
     if is_main:
         lock.refresh()  # the cache build can take long: show other hosts that this run is alive
+        if cache.meta.get("skipped"):  # data.on_bad_image=skip: which files this run trained without, beside its outputs
+            write_json(run_dir / "skipped_images.json", {"count": len(cache.meta["skipped"]), "images": cache.meta["skipped"]})
     order = BatchOrder(len(cache), t.batch_size, cfg.seed, rank, world)
     steps_per_epoch = order.batches_per_epoch / t.grad_accum  # optimizer steps run on across epoch boundaries
     total = t.max_steps or max(1, t.epochs * order.batches_per_epoch // t.grad_accum)
@@ -167,7 +170,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         rng_file = latest.path / f"rng-rank{rank}.pt"
         same_layout = latest.state["world_size"] == world and latest.state.get("device_type") == device.type
         if rng_file.is_file() and same_layout:
-            rng = torch.load(rng_file, weights_only=True)
+            rng = load_plain(rng_file)
             generator.set_state(rng["generator"])
             torch.set_rng_state(rng["torch"])
             if device.type == "cuda" and "cuda" in rng:
@@ -223,66 +226,68 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     model.train()
     stopped_early, signalled = False, False
     leave_at = step + t.stop_after if t.stop_after else total
-    while step < total:
-        # Accumulate gradients over grad_accum micro-batches; DDP syncs only on the last one.
-        for g in optimizer.param_groups:
-            g["lr"] = o.lr * lr_factor(step, o.warmup_steps, total, o.lr_schedule)
-        for _ in range(t.grad_accum):
-            (epoch, batch), images = next(loader)
-            x0 = to_model_input(images, device, cfg.data.random_flip, generator)
-            eps = torch.randn(x0.shape, device=device, generator=generator).contiguous(memory_format=memory_format)
-            timesteps = noise.sample_timesteps(x0.shape[0], device, generator)
-            with accelerator.accumulate(model), attention():
-                pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
-                loss = F.mse_loss(pred.float(), noise.target(x0, eps, timesteps))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and o.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        step += 1
-        window_steps += 1
-        epoch, batch = (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)  # the next position to read
+    try:  # the bar and the prefetching loader end before any error is printed
+        while step < total:
+            # Accumulate gradients over grad_accum micro-batches; DDP syncs only on the last one.
+            for g in optimizer.param_groups:
+                g["lr"] = o.lr * lr_factor(step, o.warmup_steps, total, o.lr_schedule)
+            for _ in range(t.grad_accum):
+                (epoch, batch), images = next(loader)
+                x0 = to_model_input(images, device, cfg.data.random_flip, generator)
+                eps = torch.randn(x0.shape, device=device, generator=generator).contiguous(memory_format=memory_format)
+                timesteps = noise.sample_timesteps(x0.shape[0], device, generator)
+                with accelerator.accumulate(model), attention():
+                    pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
+                    loss = F.mse_loss(pred.float(), noise.target(x0, eps, timesteps))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and o.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            step += 1
+            window_steps += 1
+            epoch, batch = (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)  # the next position to read
 
-        # Update EMA (only here, on real optimizer steps).
-        ema.update(unet.parameters())
-        bar.update(1)
+            # Update EMA (only here, on real optimizer steps).
+            ema.update(unet.parameters())
+            bar.update(1)
 
-        # Log: the only host sync, every log_every steps.
-        if step % t.log_every == 0 or step == total:
-            mean_loss = accelerator.reduce(loss_sum, "mean").item() / (window_steps * t.grad_accum)
-            stop_votes = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item()
-            elapsed = time.perf_counter() - window_start
-            metrics = {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                       "images_per_sec": window_steps * images_per_step / elapsed, "epoch": step / steps_per_epoch}
-            tracker.log(metrics, step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-            if is_main:
-                lock.refresh()
-            if stop_votes > 0:
-                stopped_early = signalled = True
+            # Log: the only host sync, every log_every steps.
+            if step % t.log_every == 0 or step == total:
+                mean_loss = accelerator.reduce(loss_sum, "mean").item() / (window_steps * t.grad_accum)
+                stop_votes = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item()
+                elapsed = time.perf_counter() - window_start
+                metrics = {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                           "images_per_sec": window_steps * images_per_step / elapsed, "epoch": step / steps_per_epoch}
+                tracker.log(metrics, step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+                loss_sum.zero_()
+                window_start, window_steps = time.perf_counter(), 0
                 if is_main:
-                    log.warning("stop requested (%s): writing a checkpoint at step %d", stop.signal_name or "another rank", step)
+                    lock.refresh()
+                if stop_votes > 0:
+                    stopped_early = signalled = True
+                    if is_main:
+                        log.warning("stop requested (%s): writing a checkpoint at step %d", stop.signal_name or "another rank", step)
+                    checkpoint()
+                    break
+
+            # Sample grid from the EMA weights, with fixed seeds.
+            if is_main and t.sample_every and step % t.sample_every == 0 and step != total:
+                sample_grid(f"step-{step:08d}")
+
+            # Save a checkpoint.
+            if step % t.checkpoint_every == 0 or step == total or step == leave_at:
                 checkpoint()
+            if step == leave_at and step < total:
+                stopped_early = True
+                if is_main:
+                    log.info("leaving at step %d of %d (train.stop_after=%d); rerun to resume", step, total, t.stop_after)
                 break
-
-        # Sample grid from the EMA weights, with fixed seeds.
-        if is_main and t.sample_every and step % t.sample_every == 0 and step != total:
-            sample_grid(f"step-{step:08d}")
-
-        # Save a checkpoint.
-        if step % t.checkpoint_every == 0 or step == total or step == leave_at:
-            checkpoint()
-        if step == leave_at and step < total:
-            stopped_early = True
-            if is_main:
-                log.info("leaving at step %d of %d (train.stop_after=%d); rerun to resume", step, total, t.stop_after)
-            break
-    bar.close()
-    loader.close()
+    finally:
+        bar.close()
+        loader.close()
 
     # Export the EMA weights as a DDPMPipeline, and the final grid.
     export_dir = run_dir / "pipeline"

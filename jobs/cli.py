@@ -21,6 +21,7 @@ import os
 import sys
 
 from ddpm.errors import RunStopped, UserError
+from ddpm.files import no_world_writable_files
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # checkpoint written on SIGTERM/SIGUSR2; rerun (or requeue) to resume
@@ -141,6 +142,7 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
+    no_world_writable_files()
     try:
         if args.command == "train":
             from ddpm.config import load_config

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def _setup_logging() -> None:
+    from ddpm.files import no_world_writable_files
+
+    no_world_writable_files()  # every task's first call: nothing it writes is writable by other users
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def tiny(tmp_path, shared_cache):
         ]
 
     return make
+
+
+def report(**counts) -> None:
+    """Adds a fault-injection test's counts to $DDPM_RELIABILITY_REPORT (JSON lines), for docs/reliability.md."""
+    path = os.environ.get("DDPM_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(counts) + "\n")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

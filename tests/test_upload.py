@@ -13,7 +13,7 @@ import yaml
 from ddpm.config import load_config
 from ddpm.train import train
 from jobs.cli import main
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, report, run_cli
 from tests.hub_server import PUBLIC, HubServer
 
 TOKEN = "hf_secret_value_1234567890"
@@ -161,6 +161,7 @@ def test_an_interrupted_upload_leaves_the_old_model_and_a_retry_finishes(pipelin
         assert r.returncode == 2 and last.startswith("ddpm upload: error: upload to someone/tiny failed: ")
         assert last.endswith("a commit lands whole or not at all: rerun to finish")
         assert hub.files("someone/tiny") == before and len(hub.commits("someone/tiny")) == 3
+        dropped = 100 - hub.drop_commits
 
         hub.drop_commits = 0
         r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", "--license", "cc-by-4.0",
@@ -168,3 +169,5 @@ def test_an_interrupted_upload_leaves_the_old_model_and_a_retry_finishes(pipelin
         assert r.returncode == 0, r.stderr
         after = hub.files("someone/tiny")
         assert b"license: cc-by-4.0" in after["README.md"] and all(after[k] == before[k] for k in PIPELINE_FILES)
+    report(fault="upload connection dropped mid-commit", injected=1 + dropped, transient_recovered=1, failed_cleanly=1,
+           mixed_states_seen=0)
