@@ -4,8 +4,9 @@ A checkpoint is `<run>/checkpoints/step-00001234/`: weights as safetensors, the 
 RNG states as tensors-only torch files (loaded with weights_only=True), `state.json` with the
 step and data position, and `manifest.json` with the size and SHA-256 of every file, written last.
 It is built in a temporary directory and renamed into place, so a crash leaves either the whole
-checkpoint or none; a checkpoint corrupted later fails its manifest check and resuming falls back
-to the previous one.
+checkpoint or none; deleting one (pruning, or replacing a checkpoint of the same step) first renames
+it out of the checkpoint names, so a kill mid-delete never leaves half a checkpoint under a final
+name. A checkpoint corrupted later fails its manifest check and resuming falls back to the previous one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,6 +94,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in ckpt_dir.glob(".trash-*"):  # a delete that an earlier kill interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
     barrier()
     failure: Exception | None = None
@@ -120,10 +124,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / MANIFEST)
-        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
-            shutil.rmtree(final)
+        replaced = _discard(final) if final.exists() else None  # the same step from an earlier attempt
         tmp.rename(final)
         _fsync(ckpt_dir)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [c.name for c in _candidates(ckpt_dir) if c != final]
@@ -138,8 +143,19 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
     # Prune older checkpoints only: never the one just written, even when a (corrupt) newer one exists.
     older = [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX):]) < step]
     for old in older[max(keep - 1, 0):]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(_discard(old), ignore_errors=True)
+        except OSError:  # already gone: nothing to prune
+            pass
     return final
+
+
+def _discard(path: Path) -> Path:
+    """Renames a checkpoint out of the checkpoint names (atomic) before it is deleted: a kill during the delete
+    then leaves a `.trash-` directory, cleared at the next save, never a half checkpoint named step-N."""
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    path.rename(trash)
+    return trash
 
 
 def _candidates(ckpt_dir: Path) -> list[Path]:

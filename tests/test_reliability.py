@@ -311,7 +311,9 @@ def test_every_config_field_with_a_wrong_type_is_refused_by_name(key, default):
 
 
 def test_tokens_appear_in_no_file_or_output_a_run_writes(tiny, tmp_path):
-    hf, wb = "hf_SECRETsecret0123456789abcd", "0123456789abcdef0123456789abcdef01234567"
+    import secrets
+
+    hf, wb = "hf_" + secrets.token_hex(15), secrets.token_hex(20)  # token-shaped values, new each run
     env = {"HF_TOKEN": hf, "WANDB_API_KEY": wb, "WANDB_MODE": "offline"}
     r = run_cli("train", *tiny("tracking.wandb=true", name="secret"), env=env)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -99,7 +99,7 @@ def test_the_upload_job_starts_only_after_training_succeeded(trained):
     assert upload_info["JobState"] == "COMPLETED" and upload_info["Dependency"] in ("(null)", f"afterok:{jobs['train']}(unfulfilled)")
     assert upload_info["StartTime"] >= train_info["EndTime"]  # ISO timestamps compare as strings
     out = (run_dir / "slurm" / upload / f"{upload}_0_log.out").read_text()
-    assert "dry run: would upload" in out and "model_index.json" in out and "README.md" in out
+    assert "dry run, nothing sent: would upload" in out and "model_index.json" in out and "README.md" in out
 
 
 def test_a_failed_training_job_cancels_its_upload(runs):
