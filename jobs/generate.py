@@ -4,7 +4,7 @@
     ddpm generate --model sd-dreambooth-library/mr-potato-head \\
         --prompt "an abstract oil painting of sks mr potato head by picasso" --steps 50 --guidance 7.5
 
-Writes <out>/images/*.png (one per prompt and seed), grid.png (a row per prompt) and settings.json.
+Writes <out>/images/*.png (one per prompt and seed), grid.png (a row per prompt, the first 16 seeds) and settings.json.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from pathlib import Path
 from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+GRID_COLUMNS = 16  # seeds per prompt in grid.png (a grid of thousands of images would not fit in memory)
 
 
 @dataclass
@@ -96,10 +99,11 @@ def run(cfg: GenerateConfig) -> Path:
                 name = f"p{j}-seed-{seed:06d}.png" if text else f"seed-{seed:06d}.png"
                 image.save(out / "images" / name)
                 written.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
-                grid_cells.append(image.convert("RGB"))
+                if seed - cfg.seed < GRID_COLUMNS:  # the grid shows the first seeds; the rest stay on disk only
+                    grid_cells.append(image.convert("RGB"))
                 bar.update(1)
     seconds = time.perf_counter() - start
-    make_grid(np.stack([np.asarray(im) for im in grid_cells]), cols=len(seeds) if text else 0).save(out / "grid.png")
+    make_grid(np.stack([np.asarray(im) for im in grid_cells]), cols=min(len(seeds), GRID_COLUMNS) if text else 0).save(out / "grid.png")
     write_json(out / "settings.json", {
         "model": cfg.model, "pipeline_class": type(pipe).__name__, "text_to_image": text,
         "scheduler": cfg.scheduler or "pipeline default", "scheduler_class": type(pipe.scheduler).__name__,
