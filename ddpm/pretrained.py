@@ -56,7 +56,8 @@ def load_any_pipeline(model: str, dtype: str = "fp32"):
 
 
 def takes_prompt(pipe) -> bool:
-    """Text-conditioned pipelines (Stable Diffusion and kin) take `prompt`; DDPMPipeline and DDIMPipeline do not."""
+    """Text-conditioned pipelines (Stable Diffusion and kin) take `prompt`; DDPMPipeline and DDIMPipeline do not.
+    `pipe` is a pipeline or a pipeline class."""
     return "prompt" in inspect.signature(pipe.__call__).parameters
 
 

@@ -196,16 +196,16 @@ def _fetch_hub_model(repo_id: str, key: str) -> Path:
 
 
 def takes_prompt(path: str) -> bool:
-    """Whether the pipeline saved at `path` is text-conditioned, from the class model_index.json names."""
-    import inspect
-
+    """Whether the pipeline saved at `path` is text-conditioned, from the class model_index.json names (not loaded)."""
     import diffusers
+
+    from ddpm import pretrained
 
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return False  # a ddpm checkpoint
     cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
-    return cls is not None and "prompt" in inspect.signature(cls.__call__).parameters
+    return cls is not None and pretrained.takes_prompt(cls)
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
