@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from jobs.bench import BenchConfig, report, run
+import pytest
+
+from bench.__main__ import BenchConfig, run
+from bench.report import report
 
 
+@pytest.mark.slow  # a developer tool beside the product: make test-slow
 def test_quick_bench_measures_every_stage(tmp_path):
     results = run(BenchConfig(quick=True, pipeline=str(tmp_path / "none"), workdir=str(tmp_path)))
     assert results["data"]["pil_img_s"] > 0 and results["data"]["cached_img_s"] > 0
     assert results["reference"]["img_s"] > 0 and results["ours"]["img_s"] > 0
     assert results["ours"]["flops_per_img"] > 1e8  # the tutorial UNet at 32 px: about a GFLOP per image
-    assert [(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]] == [("ddpm", 50), ("ddim", 10), ("dpmsolver++", 10)]
+    runs = [(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]]
+    assert runs == [("ddpm", 50), ("ddim", 10), ("dpmsolver++", 10)]
     assert all(r["fd"] >= 0 and r["s_per_img"] > 0 for r in results["sampling"]["rows"])
     assert results["data"]["peak_rss_mib"] > 0
     text = report(results)
     assert "| training, tutorial UNet 32 px" in text and "| dpmsolver++ | 10 |" in text
 
 
+@pytest.mark.slow
 def test_quick_ablation_times_every_variant(tmp_path):
     rows = run(BenchConfig(quick=True, ablation=True, workdir=str(tmp_path)))["ablation"]
-    assert [r["variant"] for r in rows][:2] == ["fp32, plain AdamW (the tutorial's step)", "fp32, channels_last, fused AdamW"]
+    first_two = [r["variant"] for r in rows][:2]
+    assert first_two == ["fp32, plain AdamW (the tutorial's step)", "fp32, channels_last, fused AdamW"]
     assert all(r.get("img_s", 0) > 0 or r.get("ms_per_update", 0) > 0 for r in rows) and len(rows) == 8

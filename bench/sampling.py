@@ -1,0 +1,79 @@
+"""The sampling stage: seconds per image and FD-digitsnet of each sampler on the same trained model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.child import peak_memory
+
+QUICK_RUNS = [("ddpm", 50), ("ddim", 10), ("dpmsolver++", 10)]
+FULL_RUNS = [
+    ("ddpm", 1000),
+    ("ddim", 10),
+    ("ddim", 25),
+    ("ddim", 50),
+    ("dpmsolver++", 10),
+    ("dpmsolver++", 25),
+    ("dpmsolver++", 50),
+]
+
+
+def quick_pipeline(workdir: Path) -> Path:
+    """Quick mode without a trained model: a few steps of a tiny model are enough to run the path."""
+    from ddpm.config import load_config
+    from ddpm.train import train
+
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={workdir}/runs",
+            "name=bench-digits",
+            f"data.cache_dir={workdir}/cache",
+            "train.max_steps=4",
+            "train.sample_images=1",
+            "train.sample_steps=1",
+            "tracking.wandb=false",
+        ],
+    )
+    print(f"quick mode: no trained model; training {cfg.train.max_steps} steps of one in {cfg.run_dir}", flush=True)
+    train(cfg)
+    return workdir / "runs" / "bench-digits" / "pipeline"
+
+
+def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], num_images: int) -> dict:
+    """Each (sampler, steps) of `runs` on `num_images` seeds, timed after a warm-up, scored against the real digits."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMPipeline
+
+    from ddpm.config import DataConfig
+    from ddpm.data import open_cache
+    from ddpm.metrics import digits_feature_net, features, frechet_distance
+    from ddpm.sample import generate, make_sampler
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DDPMPipeline.from_pretrained(pipeline)
+    unet = pipe.unet.to(device).eval()
+    res = unet.config.sample_size
+    net = digits_feature_net(res, Path(cache_dir))
+    real = open_cache(DataConfig(source="digits", resolution=res, cache_dir=cache_dir), show_progress=False)
+    real_features = features(net, real.take(np.arange(len(real))))
+    rows = []
+    for name, steps in runs:
+        generate(unet, make_sampler(name, pipe.scheduler), [0], 2, 1, device)  # warm-up
+        start = time.perf_counter()
+        sampler = make_sampler(name, pipe.scheduler)
+        images = generate(unet, sampler, list(range(num_images)), steps, batch_size=num_images, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "sampler": name,
+                "steps": steps,
+                "s_per_img": seconds / num_images,
+                "fd": frechet_distance(features(net, images), real_features),
+            }
+        )
+    return {"rows": rows, "num_images": num_images, "real_images": len(real), **peak_memory()}
