@@ -1,4 +1,7 @@
-"""Checkpoints that are complete or absent, and the lock that keeps one run per run directory.
+"""Checkpoints that are complete or absent, and the training state they save and restore in one call each.
+
+Long because it owns the whole on-disk contract of a checkpoint (write aside, manifest last, verify, prune,
+find the newest) together with the state that goes in and comes out, so no other module knows its file names.
 
 A checkpoint is `<run>/checkpoints/step-00001234/`: weights as safetensors, the optimizer and the
 RNG states as tensors-only torch files (loaded with weights_only=True), `state.json` with the
@@ -17,16 +20,16 @@ import json
 import logging
 import os
 import shutil
-import socket
-import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddpm.ema import EMA
 from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,9 @@ def load_plain(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path} holds more than tensors and plain data; refusing to unpickle it ({first[:120]})") from None
+        raise UserError(
+            f"{path} holds more than tensors and plain data; refusing to unpickle it ({first[:120]})"
+        ) from None
 
 
 def sha256_file(path: Path) -> str:
@@ -82,9 +87,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], torch_states: dict[str, dict],
-                    rank_states: dict[str, dict], state: dict, keep: int, rank: int = 0,
-                    barrier: Callable[[], None] = lambda: None) -> Path | None:
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    torch_states: dict[str, dict],
+    rank_states: dict[str, dict],
+    state: dict,
+    keep: int,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path | None:
     """Write a checkpoint collectively: every rank saves its own `rank_states` (RNG), rank 0 the rest.
 
     Every rank must call this at the same step. Returns the final path on rank 0.
@@ -121,7 +135,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for p in files:
             _fsync(p)
-        manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
+        manifest = {
+            "step": step,
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / MANIFEST)
         replaced = _discard(final) if final.exists() else None  # the same step from an earlier attempt
@@ -141,8 +158,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         reason = f"disk full: {free / 1e6:.1f} MB free, a checkpoint takes {needed / 1e6:.1f} MB" if full else str(e)
         raise UserError(f"cannot write checkpoint {final} ({reason}){kept}") from None
     # Prune older checkpoints only: never the one just written, even when a (corrupt) newer one exists.
-    older = [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX):]) < step]
-    for old in older[max(keep - 1, 0):]:
+    older = [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX) :]) < step]
+    for old in older[max(keep - 1, 0) :]:
         try:
             shutil.rmtree(_discard(old), ignore_errors=True)
         except OSError:  # already gone: nothing to prune
@@ -162,8 +179,10 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     """Checkpoint directories, newest first (temporary ones excluded)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    found = [
+        p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
 def verify(path: Path) -> str | None:
@@ -215,85 +234,105 @@ def latest_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
 
 
 # --------------------------------------------------------------------------------------
-# One live run per run directory.
+# The training state: what the loop hands over to save, and gets back on resume.
 
 
-class RunLock:
-    """`<run>/lock.json` holds the owner's host, pid and SLURM job. A second launch is refused with
-    the owner named, unless the owner is gone: its pid is dead on this host, it is an earlier
-    attempt of the same SLURM job (a requeue), or it stopped refreshing the lock for `stale_after` s."""
+@dataclass
+class TrainingState:
+    """The objects a checkpoint writes and restores in place; the loop's position travels as plain numbers."""
 
-    def __init__(self, run_dir: Path, stale_after: float = 900.0):
-        self.path = run_dir / "lock.json"
-        self.stale_after = stale_after
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    unet: torch.nn.Module  # the raw UNet (not the DDP/compile wrapper)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: Any | None  # accelerate's GradScaler under fp16, else None
+    generator: torch.Generator  # this rank's noise/timestep/flip stream
+    architecture: dict  # ddpm.model.architecture(unet): a resume must match it
 
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The owner is written to a private file first and hard-linked into place: the link fails if a
-        # lock exists, and a lock that exists is always complete (no window where it is empty).
-        mine = self.path.with_name(f".lock-{self.owner['host']}-{self.owner['pid']}")
-        mine.write_text(json.dumps(self.owner))
-        try:
-            self._acquire(mine)
-        finally:
-            mine.unlink(missing_ok=True)
+    def param_names(self) -> list[str]:
+        return [name for name, _ in self.unet.named_parameters()]
 
-    def _acquire(self, mine: Path) -> None:
-        for _ in range(2):
-            try:
-                os.link(mine, self.path)
-            except FileExistsError:
-                holder = self._holder()
-                stale = self._stale_reason(holder)
-                if stale is None:
-                    raise UserError(
-                        f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                        f"since {holder.get('started')} (lock {self.path}); stop that run, or choose another name=")
-                log.warning("taking over the lock of %s: %s", self.path.parent, stale)
-                self.path.unlink(missing_ok=True)
-                continue
-            return
-        raise UserError(f"cannot take the lock {self.path}: another launch is racing for it")
 
-    def _holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+def save_training_state(
+    ckpt_dir: Path,
+    s: TrainingState,
+    position: dict[str, Any],
+    *,
+    keep: int,
+    rank: int,
+    world: int,
+    barrier: Callable[[], None],
+) -> Path | None:
+    """A collective checkpoint of the whole training state at `position` (step, epoch, batch, batch_size, seed)."""
+    device_type = next(s.unet.parameters()).device.type
+    state = {
+        **position,
+        "world_size": world,
+        "device_type": device_type,
+        "ema_step": s.ema.steps,
+        "architecture": s.architecture,
+    }
+    rng = {
+        "generator": s.generator.get_state(),
+        "torch": torch.get_rng_state(),
+        **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {}),
+    }
+    return save_checkpoint(
+        ckpt_dir,
+        position["step"],
+        keep=keep,
+        rank=rank,
+        barrier=barrier,
+        state=state,
+        tensors={"unet": s.unet.state_dict(), "ema": dict(zip(s.param_names(), s.ema.shadow))},
+        torch_states={
+            "optimizer": s.optimizer.state_dict(),
+            **({"scaler": s.scaler.state_dict()} if s.scaler is not None else {}),
+        },
+        rank_states={"rng": rng},
+    )
 
-    def _stale_reason(self, holder: dict) -> str | None:
-        if not holder:
-            return "the lock file is empty or unreadable"
-        if holder.get("host") == self.owner["host"]:
-            if holder.get("pid") == self.owner["pid"]:
-                return "held by this process"
-            try:
-                os.kill(int(holder["pid"]), 0)
-            except ProcessLookupError:
-                return f"pid {holder['pid']} on this host has exited"
-            except (PermissionError, ValueError, KeyError):
-                pass
-            else:
-                return None  # alive on this host: held, however long since it refreshed the lock
-        if self.owner["slurm_job_id"] and holder.get("slurm_job_id") == self.owner["slurm_job_id"]:
-            return f"held by an earlier attempt of SLURM job {holder['slurm_job_id']} (requeued)"
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return "the lock vanished"
-        if age > self.stale_after:
-            return f"not refreshed for {age:.0f} s"
+
+def restore_training_state(
+    ckpt_dir: Path, s: TrainingState, *, rank: int, world: int, batch_size: int
+) -> dict[str, Any] | None:
+    """Load the newest complete checkpoint into `s`; returns its position (step, epoch, batch), or None when there
+    is none. Random streams continue exactly when the process layout is the same; a different global batch
+    cannot continue mid-epoch and starts the next one."""
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
         return None
-
-    def refresh(self) -> None:
-        """Heartbeat: the holder touches the lock so other hosts can tell it is alive."""
-        try:
-            os.utime(self.path)
-        except OSError:
-            pass
-
-    def release(self) -> None:
-        if self._holder().get("pid") == self.owner["pid"] and self._holder().get("host") == self.owner["host"]:
-            self.path.unlink(missing_ok=True)
+    theirs, ours = latest.state["architecture"], s.architecture
+    if theirs != ours:
+        diff = ", ".join(f"{k}: {theirs.get(k)} != {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k))
+        raise UserError(
+            f"checkpoint {latest.path} was trained with a different model config ({diff}); "
+            "use another name= or the old config"
+        )
+    device = next(s.unet.parameters()).device
+    s.unet.load_state_dict(latest.tensors("unet"))
+    ema = latest.tensors("ema")
+    s.ema.shadow = [ema[n].to(device) for n in s.param_names()]
+    s.ema.steps = latest.state["ema_step"]
+    s.optimizer.load_state_dict(latest.torch_state("optimizer"))
+    if s.scaler is not None and latest.has("scaler.pt"):
+        s.scaler.load_state_dict(latest.torch_state("scaler"))
+    rng_file = latest.path / f"rng-rank{rank}.pt"
+    same_layout = latest.state["world_size"] == world and latest.state.get("device_type") == device.type
+    if rng_file.is_file() and same_layout:
+        rng = load_plain(rng_file)
+        s.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        log.warning(
+            "resuming on %d %s process(es) from a checkpoint of %d %s: random streams restart from the seed",
+            world,
+            device.type,
+            latest.state["world_size"],
+            latest.state.get("device_type"),
+        )
+    step, epoch, batch = latest.step, latest.state["epoch"], latest.state["batch"]
+    if latest.state["batch_size"] * latest.state["world_size"] != batch_size * world:
+        epoch, batch = epoch + (batch > 0), 0
+    return {"step": step, "epoch": epoch, "batch": batch, "path": latest.path}

@@ -8,111 +8,132 @@ to recognisable samples on a 2-core CPU in minutes.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from ddpm.errors import ConfigError
+from ddpm.typed_config import build_config, dump_yaml, read_tree, to_dict
+
+# The sampler every entry point uses unless told otherwise: 38x faster than DDPM-1000 per image at better
+# FD-digitsnet (docs/benchmarks.md). The one place these defaults are written.
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 25
+# "auto" means what ddpm.device.resolve_placement picks: one meaning for training, sampling and generation.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "ScheduleConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrackingConfig",
+    "load_config",
+    "validate_config",
+    "dump_yaml",
+    "to_dict",
+]
 
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "hf"] = "digits"  # embedded digits, a local image folder, or a Hugging Face dataset
-    path: str = ""                     # folder path, hub dataset name, or a dataset saved with save_to_disk
-    split: str = "train"               # split of a Hugging Face dataset
-    image_column: str = "image"        # column holding the images in a Hugging Face dataset
-    resolution: int = 16               # side of the square training images, in pixels
-    center_crop: bool = True           # crop to a centred square before resizing (else squash)
-    random_flip: bool = False          # random horizontal flip per batch (off for digits: mirrored digits are not digits)
+    source: Literal["digits", "folder", "hf"] = "digits"  # embedded digits, an image folder, or a Hugging Face dataset
+    path: str = ""  # folder path, hub dataset name, or a dataset saved with save_to_disk
+    split: str = "train"  # split of a Hugging Face dataset
+    image_column: str = "image"  # column holding the images in a Hugging Face dataset
+    resolution: int = 16  # side of the square training images, in pixels
+    center_crop: bool = True  # crop to a centred square before resizing (else squash)
+    random_flip: bool = False  # random horizontal flip per batch (off for digits: mirrored digits are not digits)
     on_bad_image: Literal["error", "skip"] = "error"  # corrupt file: stop naming it, or skip and count it
-    cache_dir: str = ""                # decoded-image cache; "" means $DDPM_CACHE or ~/.cache/ddpm
-    shard_size: int = 8192             # images per memory-mapped cache shard
+    cache_dir: str = ""  # decoded-image cache; "" means $DDPM_CACHE or ~/.cache/ddpm
+    shard_size: int = 8192  # images per memory-mapped cache shard
     max_image_pixels: int = 89_478_485  # larger images are refused undecoded (PIL's decompression-bomb limit)
 
 
 @dataclass
 class ModelConfig:
-    block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per resolution level; each level but the last halves the size
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
-    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
-    layers_per_block: int = 2          # ResNet layers per UNet block
-    attention_head_dim: int = 8        # channels per attention head
-    norm_num_groups: int = 32          # GroupNorm groups; must divide every entry of block_out_channels
-    dropout: float = 0.0
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per level; all levels but the last halve the size
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")  # input side
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")  # output side
+    layers_per_block: int = 2  # ResNet layers per UNet block
+    attention_head_dim: int = 8  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every entry of block_out_channels
+    dropout: float = 0.0  # dropout in the ResNet blocks
 
 
 @dataclass
 class ScheduleConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "squaredcos_cap_v2"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = 1000  # diffusion steps T of the forward process
+    beta_schedule: BetaSchedule = "squaredcos_cap_v2"  # squaredcos_cap_v2: cosine (Nichol & Dhariwal 2021)
+    beta_start: float = 0.0001  # first beta (linear schedules only)
+    beta_end: float = 0.02  # last beta (linear schedules only)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet predicts: the noise, or v
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 4e-4                   # peak learning rate (AdamW)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 100            # optimizer steps of linear warm-up
+    lr: float = 4e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decays
+    eps: float = 1e-8  # AdamW denominator epsilon
+    warmup_steps: int = 100  # optimizer steps of linear warm-up
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
-    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
-    ema_decay: float = 0.9999          # upper bound of the EMA decay
-    ema_power: float = 0.75            # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999  # upper bound of the EMA decay
+    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64               # images per process per micro-step
-    grad_accum: int = 1                # micro-steps per optimizer step
-    epochs: int = 80                   # passes over the data; ignored when max_steps > 0
-    max_steps: int = 0                 # optimizer steps; 0 means epochs decide
-    stop_after: int = 0                # leave (with a checkpoint) after this many steps in this launch; 0: run to the end
-    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA with bf16, CPU with AMX), else fp32
-    gradient_checkpointing: bool = False
-    compile: bool = False              # torch.compile the UNet
-    log_every: int = 50                # optimizer steps between host syncs for loss/grad-norm logging
-    checkpoint_every: int = 500        # optimizer steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2          # newest checkpoints kept on disk
-    sample_every: int = 1000           # optimizer steps between sample grids; 0: only at the end
-    sample_images: int = 64            # images in a sample grid (fixed seeds 0..n-1)
-    sample_scheduler: str = "ddim"     # sampler for the grids (see ddpm.sample.SAMPLERS)
-    sample_steps: int = 25             # sampler steps for the grids
+    batch_size: int = 64  # images per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    epochs: int = 80  # passes over the data; ignored when max_steps > 0
+    max_steps: int = 0  # optimizer steps; 0 means epochs decide
+    stop_after: int = 0  # leave (with a checkpoint) after this many steps in this launch; 0: run to the end
+    mixed_precision: Precision = "auto"  # see ddpm.device.resolve_placement: bf16 where the hardware computes in it
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    compile: bool = False  # torch.compile the UNet
+    log_every: int = 50  # optimizer steps between host syncs for loss/grad-norm logging
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    sample_every: int = 1000  # optimizer steps between sample grids; 0: only at the end
+    sample_images: int = 64  # images in a sample grid (fixed seeds 0..n-1)
+    sample_scheduler: str = DEFAULT_SAMPLER  # sampler for the grids (see ddpm.sample.SAMPLERS)
+    sample_steps: int = DEFAULT_STEPS  # sampler steps for the grids
 
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True                 # log to Weights & Biases (offline when no API key is set)
-    project: str = "ddpm"
-    entity: str = ""                   # W&B team or user; "" uses the account default
-    group: str = ""                    # W&B group (the experiment); "" uses the run name
-    tags: tuple[str, ...] = ()
+    wandb: bool = True  # log to Weights & Biases (offline when no API key is set)
+    project: str = "ddpm"  # W&B project
+    entity: str = ""  # W&B team or user; "" uses the account default
+    group: str = ""  # W&B group (the experiment); "" uses the run name
+    tags: tuple[str, ...] = ()  # W&B tags
 
 
 @dataclass
 class Config:
-    name: str = ""                     # run directory name under runs_dir; "" derives it from the data and resolution
-    runs_dir: str = "runs"
-    seed: int = 0                      # seeds model init, data order, noise and timesteps
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str = ""  # run directory name under runs_dir; "" derives it from the data and resolution
+    runs_dir: str = "runs"  # parent of the run directories
+    seed: int = 0  # seeds model init, data order, noise and timesteps
+    data: DataConfig = field(default_factory=DataConfig)  # the dataset and its cache
+    model: ModelConfig = field(default_factory=ModelConfig)  # the UNet
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the noise schedule
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer, learning rate and EMA
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop: batch, length, precision, outputs
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # Weights & Biases
 
     @property
     def run_name(self) -> str:
         if self.name:
             return self.name
-        base = {"digits": "digits", "folder": Path(self.data.path).name, "hf": self.data.path.rstrip("/").split("/")[-1]}
+        base = {
+            "digits": "digits",
+            "folder": Path(self.data.path).name,
+            "hf": self.data.path.rstrip("/").split("/")[-1],
+        }
         return f"{base[self.data.source] or 'data'}-{self.data.resolution}px"
 
     @property
@@ -121,127 +142,17 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------
-# Loading, overriding, validating.
+# Loading and validating (the loading mechanism itself is ddpm.typed_config, shared by every job).
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the config from an optional YAML file and dotted `key=value` overrides, then validate it."""
-    cfg = build_config(Config, read_tree(path, overrides))
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), values: dict[str, Any] | None = None
+) -> Config:
+    """Build the training config from an optional YAML file, dotted `key=value` overrides and flag values, then
+    validate it."""
+    cfg = build_config(Config, read_tree(path, overrides, values))
     validate_config(cfg)
     return cfg
-
-
-def build_config(cls: type, tree: dict[str, Any]) -> Any:
-    """A config dataclass of any kind (training, sweep, ...) from a nested dict, with the same strict checks."""
-    return _build(cls, tree, prefix="")
-
-
-def read_tree(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The nested dict of an optional YAML file with dotted `key=value` overrides applied."""
-    tree: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=32)")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
-        node[parts[-1]] = value
-    return tree
-
-
-def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in tree:
-        if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in tree.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name} is a section; give its keys, e.g. {prefix}{name}.{next(iter(fields_of(kind)))}=...")
-            kwargs[name] = _build(kind, value, prefix=f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def fields_of(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):  # an item of a list of sections
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping with keys {', '.join(fields_of(kind))}, got {value!r}")
-        return _build(kind, value, prefix=f"{key}.")
-    if origin is Literal:
-        choices = typing.get_args(kind)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            if option is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} does not fit {kind}")
-    if origin is tuple:
-        args = typing.get_args(kind)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported field type {kind}")
 
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
@@ -261,24 +172,43 @@ def validate_config(cfg: Config) -> None:
     need(d.shard_size > 0, f"data.shard_size must be positive, got {d.shard_size}")
     levels = len(m.block_out_channels)
     need(levels >= 1, "model.block_out_channels needs at least one entry")
-    need(len(m.down_block_types) == levels, f"model.down_block_types has {len(m.down_block_types)} entries, block_out_channels {levels}")
-    need(len(m.up_block_types) == levels, f"model.up_block_types has {len(m.up_block_types)} entries, block_out_channels {levels}")
+    need(
+        len(m.down_block_types) == levels,
+        f"model.down_block_types has {len(m.down_block_types)} entries, block_out_channels {levels}",
+    )
+    need(
+        len(m.up_block_types) == levels,
+        f"model.up_block_types has {len(m.up_block_types)} entries, block_out_channels {levels}",
+    )
     for name in m.down_block_types:
         need(name in DOWN_BLOCKS, f"model.down_block_types: {name!r} is not one of {', '.join(DOWN_BLOCKS)}")
     for name in m.up_block_types:
         need(name in UP_BLOCKS, f"model.up_block_types: {name!r} is not one of {', '.join(UP_BLOCKS)}")
     for c in m.block_out_channels:
-        need(c > 0 and c % m.norm_num_groups == 0, f"model.block_out_channels: {c} is not a positive multiple of model.norm_num_groups={m.norm_num_groups}")
+        need(
+            c > 0 and c % m.norm_num_groups == 0,
+            f"model.block_out_channels: {c} is not a positive multiple of model.norm_num_groups={m.norm_num_groups}",
+        )
     factor = 2 ** (levels - 1)  # every level but the last halves the resolution
-    need(d.resolution % factor == 0, f"data.resolution={d.resolution} is not divisible by {factor}, the UNet's downsampling factor ({levels} levels)")
+    need(
+        d.resolution % factor == 0,
+        f"data.resolution={d.resolution} is not divisible by {factor}, "
+        f"the UNet's downsampling factor ({levels} levels)",
+    )
     need(m.layers_per_block >= 1, f"model.layers_per_block must be at least 1, got {m.layers_per_block}")
     need(m.attention_head_dim >= 1, f"model.attention_head_dim must be positive, got {m.attention_head_dim}")
     for c, name in zip(m.block_out_channels, m.down_block_types):
-        need("Attn" not in name or m.attention_head_dim <= c,
-             f"model.attention_head_dim={m.attention_head_dim} exceeds the {c} channels of an attention level (no head would fit)")
+        need(
+            "Attn" not in name or m.attention_head_dim <= c,
+            f"model.attention_head_dim={m.attention_head_dim} exceeds the {c} channels of an attention level "
+            "(no head would fit)",
+        )
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     need(s.num_train_timesteps >= 2, f"schedule.num_train_timesteps must be at least 2, got {s.num_train_timesteps}")
-    need(0 < s.beta_start < s.beta_end < 1, f"schedule.beta_start and beta_end must satisfy 0 < start < end < 1, got {s.beta_start}, {s.beta_end}")
+    need(
+        0 < s.beta_start < s.beta_end < 1,
+        f"schedule.beta_start and beta_end must satisfy 0 < start < end < 1, got {s.beta_start}, {s.beta_end}",
+    )
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be non-negative, got {o.weight_decay}")
     need(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {o.betas}")
@@ -297,22 +227,11 @@ def validate_config(cfg: Config) -> None:
     need(t.sample_every >= 0, f"train.sample_every must be non-negative, got {t.sample_every}")
     from ddpm.sample import SAMPLERS  # local: sample.py imports diffusers
 
-    need(t.sample_scheduler in SAMPLERS, f"train.sample_scheduler: {t.sample_scheduler!r} is not one of {', '.join(SAMPLERS)}")
-    need("/" not in cfg.run_name and cfg.run_name not in (".", ".."), f"name: {cfg.run_name!r} is not a valid directory name")
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict with lists for tuples: what YAML, JSON and W&B store."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    need(
+        t.sample_scheduler in SAMPLERS,
+        f"train.sample_scheduler: {t.sample_scheduler!r} is not one of {', '.join(SAMPLERS)}",
+    )
+    need(
+        "/" not in cfg.run_name and cfg.run_name not in (".", ".."),
+        f"name: {cfg.run_name!r} is not a valid directory name",
+    )

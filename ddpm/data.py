@@ -4,8 +4,8 @@ Sources: the embedded digits (scikit-learn's 1,797 handwritten 8x8 digits, no ne
 folder of images in any format PIL reads, or a Hugging Face dataset (hub name or save_to_disk
 folder). Each source is decoded once into `<cache>/<key>/shard-*.npy` (N, H, W, 3) uint8, where
 the key hashes the source, the resolution and the preprocessing; later epochs and runs memory-map
-the shards, so a dataset larger than RAM streams from disk and a rank reads only its own batches.
-Flip and scaling to [-1, 1] happen per batch on the training device (`to_model_input`).
+the shards, so a dataset larger than RAM streams from disk and a rank reads only its own batches
+(ddpm.batches: the order, the loader, and flip and scaling on the training device).
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
@@ -33,7 +32,21 @@ from ddpm.files import unique_suffix
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes, so old caches are not reused
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga", ".ico"}
+IMAGE_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".tga",
+    ".ico",
+}
 
 
 class BadImageError(UserError):
@@ -50,13 +63,17 @@ def cache_root(cfg: DataConfig) -> Path:
 # Decoding one image.
 
 
-def decode_image(read: Callable[[], Image.Image], name: str, resolution: int, center_crop: bool, max_pixels: int) -> tuple[np.ndarray, bool]:
+def decode_image(
+    read: Callable[[], Image.Image], name: str, resolution: int, center_crop: bool, max_pixels: int
+) -> tuple[np.ndarray, bool]:
     """Decode to an RGB (resolution, resolution, 3) uint8 array; returns it and whether it was upsampled."""
     try:
         im = read()
         w, h = im.size
         if w * h > max_pixels:  # checked on the header, before any pixel is decoded
-            raise BadImageError(f"{name}: {w}x{h} pixels exceeds data.max_image_pixels={max_pixels} (decompression-bomb guard)")
+            raise BadImageError(
+                f"{name}: {w}x{h} pixels exceeds data.max_image_pixels={max_pixels} (decompression-bomb guard)"
+            )
         if getattr(im, "is_animated", False):
             im.seek(0)  # animated GIF/WebP: the first frame
         if im.format == "JPEG":
@@ -143,9 +160,15 @@ def _hf_source(cfg: DataConfig) -> tuple[dict, list[tuple[str, Callable[[], Imag
     except FileNotFoundError as e:
         raise UserError(f"data.path: dataset {cfg.path!r} not found locally or on the Hub ({e})") from None
     except Exception as e:  # datasets raises many types: offline, missing split, bad repo id
-        raise UserError(f"data.path: cannot load dataset {cfg.path!r} split {cfg.split!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"data.path: cannot load dataset {cfg.path!r} split {cfg.split!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if cfg.image_column not in ds.column_names:
-        raise UserError(f"data.image_column: {cfg.image_column!r} is not a column of {cfg.path} (columns: {', '.join(ds.column_names)})")
+        raise UserError(
+            f"data.image_column: {cfg.image_column!r} is not a column of {cfg.path} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
     if len(ds) == 0:
         raise UserError(f"data.path: dataset {cfg.path!r} split {cfg.split!r} is empty")
     spec["split"], spec["column"] = cfg.split, cfg.image_column
@@ -210,15 +233,24 @@ class ImageCache:
 def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
     """Open the cache for this source and preprocessing, building it first if it is missing."""
     spec, items = _source(cfg)
-    key_fields = dict(spec, resolution=cfg.resolution, center_crop=cfg.center_crop, on_bad_image=cfg.on_bad_image,
-                      max_image_pixels=cfg.max_image_pixels, version=CACHE_VERSION)
+    key_fields = dict(
+        spec,
+        resolution=cfg.resolution,
+        center_crop=cfg.center_crop,
+        on_bad_image=cfg.on_bad_image,
+        max_image_pixels=cfg.max_image_pixels,
+        version=CACHE_VERSION,
+    )
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root(cfg) / f"{spec['source']}-{cfg.resolution}px-{key}"
     if not (path / "meta.json").is_file():
         # decode_image checks the size against data.max_image_pixels itself, on the header, with a message
         # naming the setting; PIL's own guard would fire first with its own limit, so it is lifted meanwhile.
         saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False  # a truncated file is an error, not a grey band
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = (
+            None,
+            False,
+        )  # a truncated file is an error, not a grey band
         try:
             _build_cache(path, items, cfg, key_fields, show_progress)
         finally:
@@ -254,9 +286,15 @@ def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, sho
     try:
         # Threads: PIL releases the GIL while decoding and resizing.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            progress = tqdm(pool.map(decode, items), total=len(items), desc=f"caching {key_fields['source']} at {res}px",
-                            unit="img", disable=not show_progress, mininterval=1.0)
-            for name, array, status in progress:
+            progress = tqdm(
+                pool.map(decode, items),
+                total=len(items),
+                desc=f"caching {key_fields['source']} at {res}px",
+                unit="img",
+                disable=not show_progress,
+                mininterval=1.0,
+            )
+            for _name, array, status in progress:
                 if array is None:
                     if cfg.on_bad_image == "error":
                         pool.shutdown(wait=False, cancel_futures=True)  # report now, not after decoding the rest
@@ -271,8 +309,13 @@ def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, sho
         if filled:
             flush()
         if count == 0:
-            raise UserError(f"data: no usable image in {key_fields.get('path', key_fields['source'])} ({len(skipped)} skipped as bad)")
-        meta = dict(key_fields, count=count, shard_size=size, num_shards=num_shards, skipped=skipped, upsampled=upsampled)
+            raise UserError(
+                f"data: no usable image in {key_fields.get('path', key_fields['source'])} "
+                f"({len(skipped)} skipped as bad)"
+            )
+        meta = dict(
+            key_fields, count=count, shard_size=size, num_shards=num_shards, skipped=skipped, upsampled=upsampled
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             tmp.rename(path)  # atomic: a cache directory is complete or absent
@@ -285,70 +328,3 @@ def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, sho
         log.warning("%d of %d images are smaller than %dpx and were upsampled", upsampled, count, res)
     if skipped:
         log.warning("skipped %d bad images (listed in %s/meta.json); first: %s", len(skipped), path, skipped[0])
-
-
-# --------------------------------------------------------------------------------------
-# Batches.
-
-
-class BatchOrder:
-    """Deterministic, resumable batch order: epoch e is a permutation drawn from (seed, e);
-    rank r of w takes batch slots r, r + w, ... so ranks read disjoint rows. The position
-    (epoch, batch) is all that resuming needs: nothing before it is read again."""
-
-    def __init__(self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = num_images // (batch_size * world_size)  # drop_last, on every rank alike
-        if self.batches_per_epoch == 0:
-            raise UserError(f"dataset has {num_images} images, fewer than one batch of train.batch_size={batch_size} x {world_size} processes")
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def indices(self, epoch: int, batch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
-            self._epoch = epoch
-        start = (batch * self.world_size + self.rank) * self.batch_size
-        return self._perm[start:start + self.batch_size]
-
-    def positions(self, epoch: int, batch: int) -> Iterator[tuple[int, int]]:
-        """(epoch, batch) from the given position onwards, forever."""
-        while True:
-            for b in range(batch, self.batches_per_epoch):
-                yield epoch, b
-            epoch, batch = epoch + 1, 0
-
-
-class BatchLoader:
-    """Yields uint8 host batches from the cache, reading the next one in a background thread."""
-
-    def __init__(self, cache: ImageCache, order: BatchOrder, epoch: int, batch: int, pin_memory: bool):
-        self.cache, self.order, self.pin_memory = cache, order, pin_memory
-        self._positions = order.positions(epoch, batch)
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._next = self._pool.submit(self._read, next(self._positions))
-
-    def _read(self, position: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor]:
-        batch = torch.from_numpy(self.cache.take(self.order.indices(*position)))
-        return position, (batch.pin_memory() if self.pin_memory else batch)
-
-    def __iter__(self) -> "BatchLoader":
-        return self
-
-    def __next__(self) -> tuple[tuple[int, int], torch.Tensor]:
-        result = self._next.result()
-        self._next = self._pool.submit(self._read, next(self._positions))
-        return result
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def to_model_input(batch: torch.Tensor, device: torch.device, random_flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """uint8 (B, H, W, 3) on the host -> float (B, 3, H, W) in [-1, 1] on the device, flipped at random."""
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if random_flip:
-        flip = torch.rand(x.shape[0], 1, 1, 1, device=device, generator=generator) < 0.5
-        x = torch.where(flip, x.flip(3), x)
-    # channels_last feeds cuDNN's fastest convolutions; on CPUs it measured slower (docs/benchmarks.md)
-    return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)

@@ -1,217 +1,187 @@
-"""Sample quality: Fréchet distance and kernel distance to a reference dataset, in one of two feature spaces.
+"""Scoring one model: sample N images with a sampler and fixed seeds, then measure them against a reference.
 
-- "inception": FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) exactly as torch-fidelity
-  computes them, on its Inception-v3 (ddpm.inception; weights are a checked download).
-- "digitsnet": the same two distances in the 64-d penultimate layer of a small CNN trained once,
-  deterministically, to classify scikit-learn's digits (the embedded default dataset), and cached.
-  Needs no download; it ranks samplers and checkpoints of digit models, and its values are not
-  comparable to FID, so its columns carry its own name (fd_digitsnet, kd_digitsnet).
-
-Reference features are computed once per feature space, dataset, resolution and image count and
-cached beside the data cache. The number of generated images and their seeds are part of every
-figure: FID falls as the number of images grows.
+This is the building block that `ddpm evaluate`, every cell of a sweep and any later in-training
+evaluation call. DDPM pipelines and ddpm checkpoints run on ddpm.sample's loop; any other diffusers
+pipeline (text-to-image, ...) through its own __call__. The metrics themselves are ddpm.metrics.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    import numpy as np
 
-from ddpm.config import DataConfig
-from ddpm.errors import UserError
-from ddpm.files import unique_suffix
-
-log = logging.getLogger(__name__)
-
-METRIC_NAME = "FD-digitsnet"
-# feature space -> (Fréchet distance column, kernel distance column)
-METRICS = {"inception": ("fid", "kid"), "digitsnet": ("fd_digitsnet", "kd_digitsnet")}
-KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults
-FEATURE_NET_VERSION = 3  # bump when the net or its training changes: FD figures are only comparable within a version
+SEED_STRIDE = 1_000_000  # image k of a run with seed s uses seed s * SEED_STRIDE + k: evaluations and sweeps agree
 
 
-class DigitsNet(nn.Module):
-    """conv 32 -> conv 64 -> conv 64 -> global pool -> 64-d features -> 10 classes."""
+def image_seeds(seed: int, num_images: int) -> list[int]:
+    return [seed * SEED_STRIDE + k for k in range(num_images)]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.GELU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GELU(),
-            nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.GELU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+
+@dataclass
+class Scoring:
+    """How samples are measured and kept; what `ddpm evaluate` and a sweep share."""
+
+    metric: str = "inception"  # inception (FID/KID), digitsnet (offline FD/KD) or none (images only)
+    reference: str = ""  # dataset to compare with; "" is the model's training data (ddpm.metrics.reference_data)
+    reference_images: int = 0  # reference images for the statistics; 0: all
+    inception_weights: str = ""  # local Inception weights file; "" is the cache, else a checked download
+    batch_size: int = 128  # images per forward pass
+    grid_images: int = 64  # the first n images form grid.png
+    negative_prompt: str = ""  # text-to-image models only
+
+
+def is_ddpm(path: str | Path) -> bool:
+    """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return True
+    try:
+        return json.loads((p / "model_index.json").read_text()).get("_class_name") == "DDPMPipeline"
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    name = Path(path).name
+    return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+class Evaluator:
+    """Samples and scores models, keeping the current model and the reference features between calls."""
+
+    def __init__(self, scoring: Scoring, device: str = "auto", precision: str = "auto"):
+        from ddpm.device import resolve_placement
+
+        self.scoring = scoring
+        self.placement = resolve_placement(device, precision)
+        self._model: tuple[str, Any, Any] | None = None
+        self._spaces: dict[int, Any] = {}
+        self._reference: dict[tuple, tuple[np.ndarray, str]] = {}
+
+    def _pipeline(self, path: str):
+        """(pipeline, the scheduler it was saved with), loaded once for consecutive calls on the same model."""
+        if self._model is None or self._model[0] != path:
+            self._model = None  # free the previous model before loading the next
+            if is_ddpm(path):
+                from ddpm.export import load_pipeline
+
+                pipe = load_pipeline(path)
+                pipe.unet.to(self.placement.device).eval()
+            else:
+                from ddpm.pretrained import load_any_pipeline
+
+                pipe = load_any_pipeline(path, self.placement.precision).to(self.placement.device)
+                pipe.set_progress_bar_config(disable=True)
+            self._model = (path, pipe, pipe.scheduler)
+        return self._model[1], self._model[2]
+
+    def _reference_features(self, model_path: str, resolution: int) -> tuple[np.ndarray, str]:
+        from ddpm.export import run_dir_of
+        from ddpm.metrics import feature_space, reference_data, reference_features
+
+        s = self.scoring
+        data = reference_data(s.reference, resolution, run_dir_of(model_path))
+        key = (data.source, data.path, data.split, resolution)
+        if key not in self._reference:
+            if resolution not in self._spaces:
+                self._spaces[resolution] = feature_space(
+                    s.metric, resolution, self.placement.device, s.inception_weights
+                )
+            space = self._spaces[resolution]
+            described = {"digits": "digits", "folder": f"folder:{data.path}", "hf": f"hf:{data.path}:{data.split}"}[
+                data.source
+            ]
+            self._reference[key] = (
+                reference_features(space, data, s.reference_images),
+                f"{described} at {resolution}px",
+            )
+        return self._reference[key]
+
+    def sample(
+        self,
+        path: str,
+        scheduler: str,
+        steps: int,
+        seeds: list[int],
+        prompt: str | None = None,
+        guidance: float | None = None,
+    ) -> np.ndarray:
+        """(N, H, W, 3) uint8 images of the model at `path`, one per seed."""
+        from ddpm.sample import generate, make_sampler
+
+        pipe, trained = self._pipeline(path)
+        sampler = make_sampler(scheduler, trained)
+        if is_ddpm(path):
+            p = self.placement
+            return generate(
+                pipe.unet, sampler, seeds, steps, self.scoring.batch_size, p.device, p.autocast_dtype, progress=True
+            )
+        import numpy as np
+        from tqdm.auto import tqdm
+
+        from ddpm.pretrained import generate_images
+
+        pipe.scheduler = sampler
+        made = generate_images(
+            pipe,
+            seeds,
+            steps,
+            self.scoring.batch_size,
+            prompt,
+            self.scoring.negative_prompt or None,
+            guidance if guidance is not None else 0.0,
         )
-        self.head = nn.Linear(64, 10)
+        return np.stack(
+            [np.asarray(img.convert("RGB")) for _, img in tqdm(made, total=len(seeds), desc="sampling", unit="img")]
+        )
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    def run(
+        self,
+        path: str,
+        scheduler: str,
+        steps: int,
+        seeds: list[int],
+        out_dir: Path,
+        prompt: str | None = None,
+        guidance: float | None = None,
+    ) -> dict[str, Any]:
+        """Sample, write images/ and grid.png under `out_dir`, score; returns the figures (no settings)."""
+        import torch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        from ddpm.sample import save_images
 
+        cuda = self.placement.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        images = self.sample(path, scheduler, steps, seeds, prompt, guidance)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        save_images(images, seeds, out_dir, grid_images=self.scoring.grid_images)
+        row: dict[str, Any] = {
+            "seconds_per_image": seconds / len(images),
+            "device": str(self.placement.device),
+            "precision": self.placement.precision,
+            "checkpoint_step": checkpoint_step(path),
+        }
+        if self.scoring.metric != "none":
+            from ddpm.metrics import distances
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def digits_feature_net(resolution: int, cache_dir: Path) -> DigitsNet:
-    """The feature network for digits at this resolution: loaded from the cache, or trained (seconds on a CPU)."""
-    path = cache_dir / "feature-nets" / f"digitsnet-{resolution}px-v{FEATURE_NET_VERSION}.safetensors"
-    net = DigitsNet()
-    if path.is_file():
-        net.load_state_dict(load_file(path))
-        return net.eval()
-    from sklearn.datasets import load_digits
-
-    from ddpm.data import open_cache
-
-    cache = open_cache(DataConfig(source="digits", resolution=resolution, cache_dir=str(cache_dir / "datasets")), show_progress=False)
-    images = cache.take(np.arange(len(cache)))
-    labels = torch.from_numpy(load_digits().target).long()
-    x = _to_input(images)
-    # One thread: multi-threaded CPU kernels reduce in varying order, and the features (hence every FD
-    # figure) must not depend on the run that trained the net. 20 epochs of 1,797 tiny images: seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net = DigitsNet()  # initialised from the seed, not from whatever the global RNG held
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    order = torch.Generator().manual_seed(0)
-    for _epoch in range(20):
-        perm = torch.randperm(len(x), generator=order)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(net(x[idx]), labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    torch.set_num_threads(threads)
-    with torch.no_grad():
-        accuracy = (net(x).argmax(1) == labels).float().mean().item()
-    log.info("trained the %s feature net at %dpx: %.1f%% training accuracy", METRIC_NAME, resolution, 100 * accuracy)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
-    save_file(net.state_dict(), tmp)
-    os.replace(tmp, path)  # shards training it at once: each rename is whole, and the nets are identical
-    return net.eval()
-
-
-@torch.no_grad()
-def features(net: DigitsNet, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    return np.concatenate([net.features(_to_input(images[i:i + batch_size])).double().numpy() for i in range(0, len(images), batch_size)])
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets (torch-fidelity's code)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    stats = [fid_features_to_statistics(torch.from_numpy(np.asarray(x, dtype=np.float64))) for x in (a, b)]
-    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
-
-
-def kernel_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
-    """KID: unbiased MMD^2 with a cubic polynomial kernel, mean and std over random subsets; also the subset size."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
-    size = min(KID_SUBSET_SIZE, len(a), len(b))
-    out = kid_features_to_metric(torch.from_numpy(np.asarray(a, dtype=np.float64)), torch.from_numpy(np.asarray(b, dtype=np.float64)),
-                                 kid_subsets=KID_SUBSETS, kid_subset_size=size, rng_seed=KID_SEED, verbose=False)
-    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]), size
-
-
-def distances(space: str, generated: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """The two distances of a feature space under that space's column names."""
-    if len(generated) < 2 or len(reference) < 2:
-        raise UserError(f"FID/KID need at least 2 generated and 2 reference images, got {len(generated)} and {len(reference)}")
-    fd_name, kd_name = METRICS[space]
-    kd, kd_std, subset = kernel_distance(generated, reference)
-    return {fd_name: frechet_distance(generated, reference), kd_name: kd, f"{kd_name}_std": kd_std, "kid_subset_size": subset}
-
-
-# --------------------------------------------------------------------------------------
-# Feature spaces and the reference side.
-
-
-class DigitsFeatures:
-    name = "digitsnet"
-
-    def __init__(self, resolution: int, cache_dir: Path):
-        self.net = digits_feature_net(resolution, cache_dir)
-        self.id = f"digitsnet-v{FEATURE_NET_VERSION}-{resolution}px"
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return features(self.net, images)
-
-
-def feature_space(name: str, resolution: int, device: torch.device, inception_weights: str = "") -> Callable[[np.ndarray], np.ndarray]:
-    """A callable from uint8 (N, H, W, 3) images to float64 features, with `.name` and `.id` (for cache keys)."""
-    if name == "digitsnet":
-        return DigitsFeatures(resolution, metrics_cache_dir())
-    if name == "inception":
-        from ddpm.inception import InceptionFeatures, inception_weights as weights
-
-        return InceptionFeatures(weights(inception_weights), device)
-    raise UserError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
-
-
-def metrics_cache_dir() -> Path:
-    return Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm"))
-
-
-def reference_data(spec: str, resolution: int, run_dir: Path | None = None) -> DataConfig:
-    """The reference dataset at the model's resolution.
-
-    spec: "" (the training data of the run the model comes from), "digits", "folder:PATH",
-    "hf:NAME" or "hf:NAME:SPLIT", or a training config YAML whose data section is used."""
-    from ddpm.config import load_config
-
-    if not spec:
-        if run_dir is None or not (run_dir / "config.yaml").is_file():
-            raise UserError("no reference dataset: give one (digits, folder:PATH, hf:NAME[:SPLIT] or a config YAML); "
-                            "it can be left out only for models inside a run directory")
-        data = load_config(run_dir / "config.yaml").data
-    elif spec == "digits":
-        data = DataConfig(source="digits")
-    elif spec.startswith("folder:"):
-        data = DataConfig(source="folder", path=spec.removeprefix("folder:"))
-    elif spec.startswith("hf:"):
-        name, _, split = spec.removeprefix("hf:").partition(":")
-        data = DataConfig(source="hf", path=name, split=split or "train")
-    elif spec.endswith((".yaml", ".yml")):
-        data = load_config(spec).data
-    else:
-        raise UserError(f"reference {spec!r}: expected digits, folder:PATH, hf:NAME[:SPLIT] or a config .yaml file")
-    return dataclasses.replace(data, resolution=resolution, random_flip=False)
-
-
-def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarray:
-    """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk."""
-    from ddpm.data import cache_root, open_cache
-
-    cache = open_cache(data)
-    n = len(cache) if num_images <= 0 else min(num_images, len(cache))
-    if num_images > len(cache):
-        log.warning("the reference has %d images, fewer than the %d asked for; using all of them", len(cache), num_images)
-    path = cache_root(data).parent / "reference-features" / f"{space.id}-{cache.path.name}-{n}.npy"
-    if path.is_file():
-        return np.load(path)
-    indices = np.sort(np.random.default_rng(0).permutation(len(cache))[:n])
-    chunks = []
-    for i in tqdm(range(0, n, 1000), desc=f"reference features ({space.name}, {n} images)", unit="chunk", mininterval=1.0):
-        chunks.append(space(cache.take(indices[i:i + 1000])))
-    feats = np.concatenate(chunks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)  # concurrent shards may both compute it; each rename is whole
-    return feats
+            resolution = images.shape[1]
+            ref, described = self._reference_features(path, resolution)
+            generated = self._spaces[resolution](images)
+            row.update(
+                {
+                    "reference_data": described,
+                    "reference_images": len(ref),
+                    **distances(self.scoring.metric, generated, ref),
+                }
+            )
+        return row

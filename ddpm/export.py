@@ -42,7 +42,9 @@ def pipeline_from_checkpoint(ckpt_dir: Path) -> DDPMPipeline:
         raise UserError(f"checkpoint {ckpt_dir}: {problem}")
     run_config = ckpt_dir.parent.parent / "config.yaml"
     if not run_config.is_file():
-        raise UserError(f"checkpoint {ckpt_dir}: no {run_config} beside it (checkpoints are read inside their run directory)")
+        raise UserError(
+            f"checkpoint {ckpt_dir}: no {run_config} beside it (checkpoints are read inside their run directory)"
+        )
     cfg = load_config(run_config)
     unet = build_unet(cfg.model, cfg.data.resolution)
     state = json.loads((ckpt_dir / "state.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ddpm.errors import UserError
 from ddpm.export import run_dir_of
 
@@ -39,8 +40,11 @@ def pipeline_files(pipeline: Path) -> list[Path]:
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
     files = [Path("model_index.json")]
     for name in components:
-        files += sorted(p.relative_to(pipeline) for p in (pipeline / name).rglob("*")
-                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(pipeline).parts))
+        files += sorted(
+            p.relative_to(pipeline)
+            for p in (pipeline / name).rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(pipeline).parts)
+        )
     return files
 
 
@@ -54,14 +58,17 @@ def check_pipeline(pipeline: Path) -> str:
         pipe = DiffusionPipeline.from_pretrained(pipeline)
     except Exception as e:  # diffusers raises many types for missing, truncated or mismatched files
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"--pipeline: {pipeline} does not load ({type(e).__name__}: {first}); "
-                        "a partial or broken export is never uploaded") from None
+        raise UserError(
+            f"--pipeline: {pipeline} does not load ({type(e).__name__}: {first}); "
+            "a partial or broken export is never uploaded"
+        ) from None
     return type(pipe).__name__
 
 
 def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     """README.md for the Hub: metadata for search, what was trained on what, how to sample, the figures measured."""
     from huggingface_hub import ModelCard, ModelCardData
+
     run_dir = run_dir_of(pipeline)
     cfg_path = run_dir / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -69,30 +76,62 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     unet = json.loads((pipeline / "unet" / "config.json").read_text())
     scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
     data = cfg.get("data", {})
-    dataset = {"digits": "scikit-learn's 8x8 handwritten digits (1,797 images, upscaled)", "folder": "a local image folder",
-               "hf": f"the Hugging Face dataset `{data.get('path', '')}`"}.get(data.get("source", ""), "unknown data")
-    meta = ModelCardData(library_name="diffusers", license=license, pipeline_tag="unconditional-image-generation",
-                         tags=["pytorch", "diffusers", "unconditional-image-generation", "ddpm"],
-                         datasets=[data["path"]] if data.get("source") == "hf" else None)
-    lines = ["---", meta.to_yaml(), "---", "",
-             f"# {repo_id.split('/')[-1]}", "",
-             f"A DDPM (`UNet2DModel` + `DDPMScheduler`) generating {unet['sample_size']}x{unet['sample_size']} images, trained on {dataset}.", ""]
+    dataset = {
+        "digits": "scikit-learn's 8x8 handwritten digits (1,797 images, upscaled)",
+        "folder": "a local image folder",
+        "hf": f"the Hugging Face dataset `{data.get('path', '')}`",
+    }.get(data.get("source", ""), "unknown data")
+    meta = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        pipeline_tag="unconditional-image-generation",
+        tags=["pytorch", "diffusers", "unconditional-image-generation", "ddpm"],
+        datasets=[data["path"]] if data.get("source") == "hf" else None,
+    )
+    lines = [
+        "---",
+        meta.to_yaml(),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A DDPM (`UNet2DModel` + `DDPMScheduler`) generating {unet['sample_size']}x{unet['sample_size']} images, "
+        f"trained on {dataset}.",
+        "",
+    ]
     if final_grid(run_dir):
         t = cfg.get("train", {})
-        lines += ["![samples](samples.png)", "",
-                  f"EMA weights, {t.get('sample_scheduler', 'ddim')} {t.get('sample_steps', 25)} steps, seeds 0-{t.get('sample_images', 64) - 1}.", ""]
-    lines += ["## Usage", "", "```python", "from diffusers import DDPMPipeline, DDIMScheduler", "",
-              f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
-              'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")',
-              "images = pipe(batch_size=16, num_inference_steps=25).images", "```", "",
-              "## Training", "",
-              f"- steps: {summary.get('steps', 'unknown')}; resolution {unet['sample_size']}; channels {unet['block_out_channels']}",
-              f"- noise schedule: {scheduler.get('beta_schedule')}, {scheduler.get('num_train_timesteps')} steps, "
-              f"{scheduler.get('prediction_type')} prediction"]
+        lines += [
+            "![samples](samples.png)",
+            "",
+            f"EMA weights, {t.get('sample_scheduler', DEFAULT_SAMPLER)} {t.get('sample_steps', DEFAULT_STEPS)} steps, "
+            f"seeds 0-{t.get('sample_images', 64) - 1}.",
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DDPMPipeline, DDIMScheduler",
+        "",
+        f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
+        'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")',
+        "images = pipe(batch_size=16, num_inference_steps=25).images",
+        "```",
+        "",
+        "## Training",
+        "",
+        f"- steps: {summary.get('steps', 'unknown')}; resolution {unet['sample_size']}; "
+        f"channels {unet['block_out_channels']}",
+        f"- noise schedule: {scheduler.get('beta_schedule')}, {scheduler.get('num_train_timesteps')} steps, "
+        f"{scheduler.get('prediction_type')} prediction",
+    ]
     if cfg:
         t, o = cfg.get("train", {}), cfg.get("optim", {})
-        lines += [f"- batch size {t.get('batch_size')} x accumulation {t.get('grad_accum')}, AdamW lr {o.get('lr')}, "
-                  f"EMA decay up to {o.get('ema_decay')}, precision {t.get('mixed_precision')}"]
+        lines += [
+            f"- batch size {t.get('batch_size')} x accumulation {t.get('grad_accum')}, AdamW lr {o.get('lr')}, "
+            f"EMA decay up to {o.get('ema_decay')}, precision {t.get('mixed_precision')}"
+        ]
     evaluations = sorted((run_dir / "evaluation").glob("*.json")) if (run_dir / "evaluation").is_dir() else []
     if evaluations:
         lines += ["", "## Evaluation", "", "| metric | value | images | sampler | steps |", "|---|---|---|---|---|"]
@@ -102,7 +141,9 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
                 continue  # an evaluation of a checkpoint, not of the weights being published
             for key in ("fid", "kid", "fd_digitsnet", "kd_digitsnet"):
                 if key in row:
-                    lines.append(f"| {key} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | {row['steps']} |")
+                    lines.append(
+                        f"| {key} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | {row['steps']} |"
+                    )
     lines += ["", "Trained with the `ddpm` tool (config in `training_config.yaml`)."]
     return str(ModelCard("\n".join(lines) + "\n"))  # parses the header: a malformed card fails here, not on the Hub
 

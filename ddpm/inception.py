@@ -40,9 +40,13 @@ def inception_weights(explicit: str = "", sha256: str = WEIGHTS_SHA256) -> Path:
     if given:
         path = Path(given)
         if not path.is_file():
-            raise UserError(f"Inception weights {path}: no such file (expected {WEIGHTS_FILE}, SHA-256 {sha256[:16]}...)")
+            raise UserError(
+                f"Inception weights {path}: no such file (expected {WEIGHTS_FILE}, SHA-256 {sha256[:16]}...)"
+            )
         if sha256_file(path) != sha256:
-            raise UserError(f"Inception weights {path}: SHA-256 mismatch, not {WEIGHTS_FILE} (SHA-256 {sha256[:16]}...)")
+            raise UserError(
+                f"Inception weights {path}: SHA-256 mismatch, not {WEIGHTS_FILE} (SHA-256 {sha256[:16]}...)"
+            )
         return path
     path = weights_cache_dir() / WEIGHTS_FILE
     if path.is_file():
@@ -90,7 +94,9 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         # torch.load of a pickle: safe here because the file passed its SHA-256 check above.
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)).to(device)
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)
+        ).to(device)
         self.device, self.batch_size = device, batch_size
         self.id = f"inception-{sha256[:12]}"  # inception_weights() checked the file against this
 
@@ -98,6 +104,10 @@ class InceptionFeatures:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).permute(0, 3, 1, 2).to(self.device)
+            x = (
+                torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch_size]))
+                .permute(0, 3, 1, 2)
+                .to(self.device)
+            )
             out.append(self.net(x)[0].double().cpu().numpy())
         return np.concatenate(out)

@@ -24,6 +24,15 @@ def build_unet(cfg: ModelConfig, resolution: int) -> UNet2DModel:
 
 def architecture(unet: UNet2DModel) -> dict:
     """The config entries that decide the shapes of the weights: what a checkpoint must match."""
-    keys = ("sample_size", "in_channels", "out_channels", "layers_per_block", "block_out_channels",
-            "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups")
+    keys = (
+        "sample_size",
+        "in_channels",
+        "out_channels",
+        "layers_per_block",
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "attention_head_dim",
+        "norm_num_groups",
+    )
     return {k: list(v) if isinstance(v, tuple) else v for k, v in unet.config.items() if k in keys}

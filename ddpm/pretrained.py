@@ -7,29 +7,17 @@ prompt is the same whatever the batch size or the device, as in ddpm.sample.
 from __future__ import annotations
 
 import inspect
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
 
+from ddpm.device import DTYPES
 from ddpm.errors import UserError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_dtype(device: torch.device, dtype: str = "auto") -> str:
-    """fp16 on CUDA, fp32 elsewhere, unless asked; a dtype the device cannot run is refused, naming the fix."""
-    if dtype == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if dtype == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16 does not run on the CPU (half-precision convolutions are missing there); use fp32 or bf16")
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError(f"--dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; use fp16")
-    return dtype
 
 
 def load_any_pipeline(model: str, dtype: str = "fp32"):
@@ -50,8 +38,10 @@ def load_any_pipeline(model: str, dtype: str = "fp32"):
     except Exception as e:  # missing files, unknown repo, no network: diffusers and the Hub raise many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not path.exists() and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise UserError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; on a machine "
-                            f"with network run `hf download {model}` (same HF_HOME), or give a local directory") from None
+            raise UserError(
+                f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; on a machine "
+                f"with network run `hf download {model}` (same HF_HOME), or give a local directory"
+            ) from None
         raise UserError(f"--model {model}: cannot load the pipeline ({type(e).__name__}: {first})") from None
 
 
@@ -68,8 +58,15 @@ def set_sampler(pipe, name: str) -> None:
     pipe.scheduler = make_sampler(name, pipe.scheduler)
 
 
-def generate_images(pipe, seeds: list[int], steps: int, batch_size: int, prompt: str | None = None,
-                    negative_prompt: str | None = None, guidance: float = 7.5) -> Iterator[tuple[int, Image.Image]]:
+def generate_images(
+    pipe,
+    seeds: list[int],
+    steps: int,
+    batch_size: int,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance: float = 7.5,
+) -> Iterator[tuple[int, Image.Image]]:
     """(seed, image) for every seed, in batches; text-to-image pipelines get the prompt on every image."""
     text = takes_prompt(pipe)
     if text and prompt is None:
@@ -77,13 +74,45 @@ def generate_images(pipe, seeds: list[int], steps: int, batch_size: int, prompt:
     if not text and prompt is not None:
         raise UserError(f"{type(pipe).__name__} is unconditional: it takes no --prompt")
     for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
-        kwargs: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pil",
-                                  "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]}
+        chunk = seeds[start : start + batch_size]
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": steps,
+            "output_type": "pil",
+            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in chunk],
+        }
         if text:
-            kwargs.update(prompt=[prompt] * len(chunk), guidance_scale=guidance,
-                          negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
+            kwargs.update(
+                prompt=[prompt] * len(chunk),
+                guidance_scale=guidance,
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            )
         else:
             kwargs["batch_size"] = len(chunk)
         images = pipe(**kwargs).images
         yield from zip(chunk, images)
+
+
+def fetch_hub_pipeline(repo_id: str, key: str) -> Path:
+    """The pipeline's snapshot in the Hugging Face cache (fetched now if missing): jobs read it from there, so
+    compute nodes that share the cache need no network, and the folder name is the commit used."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(repo_id))
+    except Exception as e:  # offline and not cached, unknown repo, no access
+        raise UserError(
+            f"{key}: cannot fetch {repo_id} "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+            f"with HF_HUB_OFFLINE=1 run `hf download {repo_id}` first on a machine with network"
+        ) from None
+
+
+def saved_takes_prompt(path: str | Path) -> bool:
+    """Whether the pipeline saved at `path` is text-conditioned, from the class model_index.json names (not loaded)."""
+    import diffusers
+
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False  # a ddpm checkpoint
+    cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
+    return cls is not None and takes_prompt(cls)

@@ -36,41 +36,27 @@ from tqdm.auto import tqdm
 
 from ddpm.errors import UserError
 
-DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 25  # 38x faster than DDPM-1000 per image at better FD (docs/benchmarks.md)
-
 # name -> (scheduler class, settings on top of the trained noise schedule)
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
-    "ddpm": (DDPMScheduler, {}),                                              # Ho et al. 2020, ancestral, ~1000 steps
+    "ddpm": (DDPMScheduler, {}),  # Ho et al. 2020, ancestral, ~1000 steps
     # Song et al. 2021, deterministic; "trailing" steps start at t = T (Lin et al. 2024, table 2): measured
     # better FD than "leading" here, and DDIM's x0 clipping keeps the first step stable on the cosine schedule.
     "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # Lu et al. 2022, 2nd order multistep
+    "dpmsolver++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++"},
+    ),  # Lu et al. 2022, 2nd order multistep
     "dpmsolver-singlestep": (DPMSolverSinglestepScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),                                   # Zhao et al. 2023
+    "unipc": (UniPCMultistepScheduler, {}),  # Zhao et al. 2023
     "deis": (DEISMultistepScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),                                    # Karras et al. 2022, Algorithm 2 without churn
+    "euler": (EulerDiscreteScheduler, {}),  # Karras et al. 2022, Algorithm 2 without churn
     "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),                                      # two model calls per step
+    "heun": (HeunDiscreteScheduler, {}),  # two model calls per step
     "lms": (LMSDiscreteScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "kdpm2": (KDPM2DiscreteScheduler, {}),
     "kdpm2-ancestral": (KDPM2AncestralDiscreteScheduler, {}),
 }
-
-
-def resolve_device(device: str = "auto", precision: str = "auto") -> tuple[torch.device, str, torch.dtype | None]:
-    """(device, precision name, autocast dtype or None); auto picks CUDA when present, bf16 on GPUs that have it."""
-    try:
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    except RuntimeError:
-        raise UserError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device}: no CUDA GPU is visible on this machine")
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
-    return dev, precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def make_sampler(name: str, trained: SchedulerMixin) -> SchedulerMixin:
@@ -95,17 +81,30 @@ def make_sampler(name: str, trained: SchedulerMixin) -> SchedulerMixin:
 
 
 @torch.no_grad()
-def generate(unet: UNet2DModel, sampler: SchedulerMixin, seeds: list[int], steps: int, batch_size: int,
-             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-             progress: bool = False) -> np.ndarray:
+def generate(
+    unet: UNet2DModel,
+    sampler: SchedulerMixin,
+    seeds: list[int],
+    steps: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Images for the given seeds, as (N, H, W, 3) uint8."""
     device = torch.device(device)
     res, channels = unet.config.sample_size, unet.config.in_channels
     takes_generator = "generator" in inspect.signature(sampler.step).parameters
     out = []
-    bar = tqdm(total=len(seeds) * steps, desc=f"sampling {len(seeds)} images", unit="step", disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=len(seeds) * steps,
+        desc=f"sampling {len(seeds)} images",
+        unit="step",
+        disable=not progress,
+        mininterval=1.0,
+    )
     for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
+        chunk = seeds[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
         sampler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
         x = randn_tensor((len(chunk), channels, res, res), generator=generators, device=device, dtype=torch.float32)

@@ -38,7 +38,8 @@ class NoiseProcess:
         return a * x0 + s * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the UNet learns to predict: the noise (eq. 14), or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022)."""
+        """What the UNet learns to predict: the noise (eq. 14), or v = sqrt(abar) eps - sqrt(1-abar) x0
+        (Salimans & Ho 2022)."""
         if self.prediction_type == "epsilon":
             return noise
         a = self.sqrt_abar[t].view(-1, 1, 1, 1)

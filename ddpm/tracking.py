@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import netrc
-import secrets
-import string
 import os
+import secrets
 import socket
+import string
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -36,19 +36,33 @@ def wandb_mode() -> str:
 def run_metadata() -> dict[str, Any]:
     """Where and from what code a run ran: goes into the W&B config so runs line up in comparisons."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    return {"git_sha": os.environ.get("DDPM_GIT_SHA", sha), "host": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST", "")}
+    return {
+        "git_sha": os.environ.get("DDPM_GIT_SHA", sha),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST", ""),
+    }
 
 
 class Tracker:
     """Logs from the main process only; other ranks get a tracker that does nothing."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict, job_type: str = "train",
-                 group: str = "", enabled: bool = True, resume_step: int = 0):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        run_name: str,
+        config: dict,
+        job_type: str = "train",
+        group: str = "",
+        enabled: bool = True,
+        resume_step: int = 0,
+    ):
         self.enabled = enabled
         self.run = None
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -63,9 +77,18 @@ class Tracker:
         run_id = id_path.read_text().strip() if id_path.is_file() else _new_run_id()
         id_path.write_text(run_id)
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity or None, group=cfg.group or group or None, job_type=job_type,
-            name=run_name, id=run_id, resume="allow", dir=str(run_dir), config=config, tags=list(cfg.tags),
-            mode=wandb_mode(), settings=wandb.Settings(console="off", quiet=True),
+            project=cfg.project,
+            entity=cfg.entity or None,
+            group=cfg.group or group or None,
+            job_type=job_type,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            tags=list(cfg.tags),
+            mode=wandb_mode(),
+            settings=wandb.Settings(console="off", quiet=True),
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -82,8 +105,14 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], row_images: dict[int, Path] | None = None,
-                  images: dict[str, Path] | None = None) -> None:
+    def log_table(
+        self,
+        key: str,
+        columns: list[str],
+        rows: list[list[Any]],
+        row_images: dict[int, Path] | None = None,
+        images: dict[str, Path] | None = None,
+    ) -> None:
         """A W&B Table (`row_images` maps a row index to a picture in an extra "grid" column) and
         named pictures, in one entry with no step, so a resumed run appends rather than rewrites."""
         if self.run is None:
@@ -93,7 +122,12 @@ class Tracker:
         if row_images is not None:
             columns = [*columns, "grid"]
             rows = [[*row, wandb.Image(str(row_images[i])) if i in row_images else None] for i, row in enumerate(rows)]
-        self.run.log({key: wandb.Table(columns=columns, data=rows), **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}})
+        self.run.log(
+            {
+                key: wandb.Table(columns=columns, data=rows),
+                **{k: wandb.Image(str(p)) for k, p in (images or {}).items()},
+            }
+        )
 
     def summarize(self, values: dict[str, Any]) -> None:
         if self.run is not None:
@@ -113,6 +147,7 @@ def _new_run_id() -> str:
 def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
+
     def step_of(line: str) -> int | None:
         try:
             return json.loads(line).get("step", 0)

@@ -1,4 +1,8 @@
-"""The training loop: one function, on accelerate, the same for one CPU process and many GPU ranks."""
+"""The training loop: one function, on accelerate, the same for one CPU process and many GPU ranks.
+
+Long because the loop is one function read top to bottom in EDM's phases (data, model, resume, then per step:
+accumulate, EMA, log, sample, checkpoint; then export): splitting it would hide the order that makes it right.
+"""
 
 from __future__ import annotations
 
@@ -22,34 +26,22 @@ from diffusers import DDPMPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import RunLock, latest_checkpoint, load_plain, save_checkpoint
+from ddpm.batches import BatchLoader, BatchOrder, to_model_input
+from ddpm.checkpoint import TrainingState, restore_training_state, save_training_state
 from ddpm.config import Config, dump_yaml, to_dict
-from ddpm.data import BatchLoader, BatchOrder, open_cache, to_model_input
+from ddpm.data import open_cache
+from ddpm.device import resolve_placement
 from ddpm.ema import EMA
-from ddpm.errors import RunStopped, UserError
+from ddpm.errors import RunStopped
 from ddpm.export import export_pipeline
 from ddpm.files import write_json
+from ddpm.lock import RunLock
 from ddpm.model import architecture, build_unet
 from ddpm.sample import generate, make_grid, make_sampler
 from ddpm.schedule import NoiseProcess, build_scheduler
 from ddpm.tracking import Tracker, run_metadata
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(setting: str) -> str:
-    """accelerate's name for the precision; 'auto' picks bf16 where the hardware computes in it (CUDA GPUs
-    that have it; CPUs with AVX512-BF16 or AMX, where it measured 1.4x fp32 on the tutorial UNet),
-    fp16 on older GPUs, fp32 elsewhere."""
-    if setting != "auto":
-        return "no" if setting == "fp32" else setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "no"
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -64,14 +56,17 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 
 class StopRequest:
-    """SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption) asks for a checkpoint and a clean exit."""
+    """SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption) asks for a checkpoint and a
+    clean exit."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
 
     def install(self) -> None:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+        }
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -81,6 +76,13 @@ class StopRequest:
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
+def _local_device() -> torch.device:
+    """The device accelerate will pick for this process (the precision is resolved before accelerate starts)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def train(cfg: Config) -> Path | None:
     """Train (or resume) the run `cfg.run_dir`; returns the exported pipeline's directory, or None
     when the launch ended early at `train.stop_after` (with a checkpoint to resume from)."""
@@ -88,17 +90,29 @@ def train(cfg: Config) -> Path | None:
     accelerator = Accelerator(
         # Without a GPU, accelerate only goes multi-process (gloo) when told it runs on CPUs.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        mixed_precision=resolve_precision(t.mixed_precision),
+        mixed_precision=resolve_placement(_local_device(), t.mixed_precision).accelerate_precision,
         gradient_accumulation_steps=t.grad_accum,
         # Ranks other than 0 wait for the data cache that rank 0 builds: give them time (cluster profiles set it).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=float(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "60"))))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(minutes=float(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "60"))))
+        ],
     )
-    device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device, rank, world, is_main = (
+        accelerator.device,
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.is_main_process,
+    )
     if world > 1:  # every rank says where it landed: the first thing to read when a multi-node job misbehaves
-        print(f"rank {rank} of {world} on {socket.gethostname()}: device {device}, local rank {accelerator.local_process_index}",
-              flush=True)
+        print(
+            f"rank {rank} of {world} on {socket.gethostname()}: device {device}, "
+            f"local rank {accelerator.local_process_index}",
+            flush=True,
+        )
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast (cuDNN convs use TF32 by default)
+        torch.set_float32_matmul_precision(
+            "high"
+        )  # TF32 for what runs outside autocast (cuDNN convs use TF32 by default)
     lock = RunLock(run_dir)
     if is_main:
         lock.acquire()
@@ -115,15 +129,24 @@ def train(cfg: Config) -> Path | None:
 
 def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopRequest) -> Path | None:
     run_dir, t, o = cfg.run_dir, cfg.train, cfg.optim
-    device, rank, world, is_main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device, rank, world, is_main = (
+        accelerator.device,
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.is_main_process,
+    )
 
     # Data: rank 0 decodes the source once into the cache; the other ranks then map it.
     with accelerator.main_process_first():
         cache = open_cache(cfg.data, show_progress=is_main)
     if is_main:
         lock.refresh()  # the cache build can take long: show other hosts that this run is alive
-        if cache.meta.get("skipped"):  # data.on_bad_image=skip: which files this run trained without, beside its outputs
-            write_json(run_dir / "skipped_images.json", {"count": len(cache.meta["skipped"]), "images": cache.meta["skipped"]})
+        if cache.meta.get(
+            "skipped"
+        ):  # data.on_bad_image=skip: which files this run trained without, beside its outputs
+            write_json(
+                run_dir / "skipped_images.json", {"count": len(cache.meta["skipped"]), "images": cache.meta["skipped"]}
+            )
     order = BatchOrder(len(cache), t.batch_size, cfg.seed, rank, world)
     steps_per_epoch = order.batches_per_epoch / t.grad_accum  # optimizer steps run on across epoch boundaries
     total = t.max_steps or max(1, t.epochs * order.batches_per_epoch // t.grad_accum)
@@ -138,10 +161,15 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     unet.to(device, memory_format=memory_format)
     scheduler = build_scheduler(cfg.schedule)
     noise = NoiseProcess(scheduler, device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=device.type in ("cuda", "cpu"),
+    )
     ema = EMA(unet.parameters(), max_decay=o.ema_decay, power=o.ema_power)
-    param_names = [name for name, _ in unet.named_parameters()]
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     sample_unet = build_unet(cfg.model, cfg.data.resolution).to(device).eval() if is_main else None
     # From here the global RNG (dropout) differs per rank, and is saved and restored with the checkpoints.
@@ -151,75 +179,83 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
     # Resume from the newest complete checkpoint, if there is one.
     ckpt_dir = run_dir / "checkpoints"
-    step, epoch, batch = 0, 0, 0
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        theirs, ours = latest.state["architecture"], architecture(unet)
-        if theirs != ours:
-            diff = ", ".join(f"{k}: {theirs.get(k)} != {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k))
-            raise UserError(f"checkpoint {latest.path} was trained with a different model config ({diff}); use another name= or the old config")
-        unet.load_state_dict(latest.tensors("unet"))
-        ema_weights = latest.tensors("ema")
-        ema.shadow = [ema_weights[n].to(device) for n in param_names]
-        ema.steps = latest.state["ema_step"]
-        optimizer.load_state_dict(latest.torch_state("optimizer"))
+    state = TrainingState(unet, ema, optimizer, accelerator.scaler, generator, architecture(unet))
+    resumed = restore_training_state(ckpt_dir, state, rank=rank, world=world, batch_size=t.batch_size)
+    step, epoch, batch = (resumed["step"], resumed["epoch"], resumed["batch"]) if resumed else (0, 0, 0)
+    if resumed:
         for g in optimizer.param_groups:  # the config of this launch wins over the checkpoint's hyperparameters
             g.update(betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        if accelerator.scaler is not None and latest.has("scaler.pt"):
-            accelerator.scaler.load_state_dict(latest.torch_state("scaler"))
-        rng_file = latest.path / f"rng-rank{rank}.pt"
-        same_layout = latest.state["world_size"] == world and latest.state.get("device_type") == device.type
-        if rng_file.is_file() and same_layout:
-            rng = load_plain(rng_file)
-            generator.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
-            if device.type == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
-        else:
-            log.warning("resuming on %d %s process(es) from a checkpoint of %d %s: random streams restart from the seed",
-                        world, device.type, latest.state["world_size"], latest.state.get("device_type"))
-        step, epoch, batch = latest.step, latest.state["epoch"], latest.state["batch"]
-        if latest.state["batch_size"] * latest.state["world_size"] != t.batch_size * world:
-            epoch, batch = epoch + (batch > 0), 0  # a different global batch cannot continue mid-epoch: start the next one
         if is_main:
-            log.info("resuming %s from %s (step %d of %d)", run_dir, latest.path.name, step, total)
+            log.info("resuming %s from %s (step %d of %d)", run_dir, resumed["path"].name, step, total)
 
     # Record the resolved config next to the outputs; W&B gets it too.
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    run_info = {**to_dict(cfg), "run": {**run_metadata(), "world_size": world, "mixed_precision": accelerator.mixed_precision,
-                                        "total_steps": total, "images_per_step": images_per_step, "dataset_images": len(cache)}}
-    tracker = Tracker(cfg.tracking, run_dir, cfg.run_name, run_info, group=cfg.run_name, enabled=is_main, resume_step=step)
+    run_info = {
+        **to_dict(cfg),
+        "run": {
+            **run_metadata(),
+            "world_size": world,
+            "mixed_precision": accelerator.mixed_precision,
+            "total_steps": total,
+            "images_per_step": images_per_step,
+            "dataset_images": len(cache),
+        },
+    }
+    tracker = Tracker(
+        cfg.tracking, run_dir, cfg.run_name, run_info, group=cfg.run_name, enabled=is_main, resume_step=step
+    )
     sampler = make_sampler(t.sample_scheduler, scheduler)
 
     def sample_grid(tag: str) -> Path:
         """A grid from the EMA weights with seeds 0..n-1, the same noise in every run."""
         ema.copy_to(sample_unet.parameters())
-        images = generate(sample_unet, sampler, list(range(t.sample_images)), t.sample_steps, batch_size=64, device=device,
-                          autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None)
+        images = generate(
+            sample_unet,
+            sampler,
+            list(range(t.sample_images)),
+            t.sample_steps,
+            batch_size=64,
+            device=device,
+            autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+        )
         path = run_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(exist_ok=True)
         make_grid(images).save(path)
-        tracker.log_image("samples", path, step, caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}")
+        tracker.log_image(
+            "samples",
+            path,
+            step,
+            caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}",
+        )
         return path
 
     def checkpoint() -> None:
-        state = {"step": step, "epoch": epoch, "batch": batch, "world_size": world, "device_type": device.type, "batch_size": t.batch_size,
-                 "ema_step": ema.steps, "architecture": architecture(unet), "seed": cfg.seed}
-        save_checkpoint(ckpt_dir, step, keep=t.keep_checkpoints, rank=rank, barrier=accelerator.wait_for_everyone,
-                        tensors={"unet": unet.state_dict(), "ema": dict(zip(param_names, ema.shadow))},
-                        torch_states={"optimizer": optimizer.state_dict(),
-                                      **({"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {})},
-                        rank_states={"rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-                                             **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}},
-                        state=state)
+        position = {"step": step, "epoch": epoch, "batch": batch, "batch_size": t.batch_size, "seed": cfg.seed}
+        save_training_state(
+            ckpt_dir,
+            state,
+            position,
+            keep=t.keep_checkpoints,
+            rank=rank,
+            world=world,
+            barrier=accelerator.wait_for_everyone,
+        )
 
     loader = BatchLoader(cache, order, epoch, batch, pin_memory=device.type == "cuda")
     loss_sum = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(total=total, initial=step, desc=cfg.run_name, unit="step", disable=not is_main, dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=cfg.run_name,
+        unit="step",
+        disable=not is_main,
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
     # On CPUs the math attention kernel beats the flash one for these short sequences (64 tokens at 8x8):
     # 36 vs 32 img/s on the tutorial UNet in bf16, measured on the 2-core development machine.
     attention = (lambda: sdpa_kernel([SDPBackend.MATH])) if device.type == "cpu" else nullcontext
@@ -247,7 +283,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                 loss_sum += loss.detach()
             step += 1
             window_steps += 1
-            epoch, batch = (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)  # the next position to read
+            epoch, batch = (
+                (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)
+            )  # the next position to read
 
             # Update EMA (only here, on real optimizer steps).
             ema.update(unet.parameters())
@@ -258,8 +296,13 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                 mean_loss = accelerator.reduce(loss_sum, "mean").item() / (window_steps * t.grad_accum)
                 stop_votes = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item()
                 elapsed = time.perf_counter() - window_start
-                metrics = {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                           "images_per_sec": window_steps * images_per_step / elapsed, "epoch": step / steps_per_epoch}
+                metrics = {
+                    "loss": mean_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "images_per_sec": window_steps * images_per_step / elapsed,
+                    "epoch": step / steps_per_epoch,
+                }
                 tracker.log(metrics, step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
                 loss_sum.zero_()
@@ -269,7 +312,11 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                 if stop_votes > 0:
                     stopped_early = signalled = True
                     if is_main:
-                        log.warning("stop requested (%s): writing a checkpoint at step %d", stop.signal_name or "another rank", step)
+                        log.warning(
+                            "stop requested (%s): writing a checkpoint at step %d",
+                            stop.signal_name or "another rank",
+                            step,
+                        )
                     checkpoint()
                     break
 
@@ -283,7 +330,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             if step == leave_at and step < total:
                 stopped_early = True
                 if is_main:
-                    log.info("leaving at step %d of %d (train.stop_after=%d); rerun to resume", step, total, t.stop_after)
+                    log.info(
+                        "leaving at step %d of %d (train.stop_after=%d); rerun to resume", step, total, t.stop_after
+                    )
                 break
     finally:
         bar.close()
@@ -295,11 +344,16 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         ema.copy_to(sample_unet.parameters())
         export_pipeline(DDPMPipeline(unet=sample_unet, scheduler=scheduler), export_dir)
         grid = sample_grid(f"step-{step:08d}")
-        (run_dir / "summary.json").write_text(json.dumps({"steps": step, "pipeline": str(export_dir), "grid": str(grid)}, indent=1))
+        (run_dir / "summary.json").write_text(
+            json.dumps({"steps": step, "pipeline": str(export_dir), "grid": str(grid)}, indent=1)
+        )
         log.info("exported %s; final grid %s", export_dir, grid)
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if signalled:
-        raise RunStopped(f"stopped at step {step} of {total} on request ({stop.signal_name or 'signal on another rank'}); the checkpoint is saved, rerun to resume")
+        raise RunStopped(
+            f"stopped at step {step} of {total} on request ({stop.signal_name or 'signal on another rank'}); "
+            "the checkpoint is saved, rerun to resume"
+        )
     return None if stopped_early else export_dir

@@ -1,16 +1,17 @@
-"""Evaluate job: FID and KID (or the offline FD/KD-digitsnet) of one pipeline against a reference dataset.
+"""Evaluate job: FID and KID (or the offline FD/KD-digitsnet) of one model against a reference dataset.
 
-It is a sweep of one cell: same sampling, same seeds, same metric code, same reference cache.
+It calls the same scorer as every sweep cell (ddpm.evaluate.Evaluator): same sampling, same seeds
+(image k of seed s is s * 1,000,000 + k), same metric code, same reference cache.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision
 from ddpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -18,53 +19,84 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvaluateConfig:
-    pipeline: str = ""                 # pipeline or checkpoint directory
-    reference: str = ""                # digits, folder:PATH, hf:NAME[:SPLIT], a config .yaml; "" = the run's training data
-    num_images: int = 1000
-    metric: Literal["inception", "digitsnet"] = "inception"
-    scheduler: str = "ddim"
-    steps: int = 25
-    seed: int = 0
-    batch_size: int = 128
-    reference_images: int = 0
-    inception_weights: str = ""
-    out: str = ""                      # JSON file; "" = <run>/evaluation/<metric>-<model>-<scheduler>-<steps>steps-<n>img-seed<seed>.json
-                                       # (images and grid under the folder of the same name beside it, in cells/)
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    wandb: bool = True
+    pipeline: str = ""  # pipeline or checkpoint directory
+    reference: str = ""  # digits, folder:PATH, hf:NAME[:SPLIT] or a config .yaml; "" = the run's training data
+    num_images: int = 1000  # generated images; part of every figure (FID falls as it grows)
+    metric: Literal["inception", "digitsnet"] = "inception"  # FID/KID (checked weights), or offline FD/KD-digitsnet
+    scheduler: str = DEFAULT_SAMPLER  # sampler; see ddpm.sample.SAMPLERS
+    steps: int = DEFAULT_STEPS  # sampler steps
+    seed: int = 0  # image k uses seed * 1,000,000 + k, as in sweeps
+    batch_size: int = 128  # images per forward pass
+    reference_images: int = 0  # reference images for the statistics; 0: all
+    inception_weights: str = ""  # local Inception weights file; "" is the cache, else a checked download
+    out: str = ""  # JSON file; "" = <run>/evaluation/<metric>-<model>-<scheduler>-<steps>steps-<n>img-seed<seed>.json
+    # (images and grid in the folder of the same name beside it)
+    device: str = "auto"  # auto: CUDA if present, else the CPU
+    precision: Precision = "auto"  # see ddpm.device.resolve_placement
+    wandb: bool = True  # log a W&B evaluate run in the training run's group
+
+    def validate(self) -> None:
+        if not self.pipeline:
+            raise ConfigError("--pipeline is required (a pipeline or checkpoint directory)")
+        if self.num_images < 2:
+            raise ConfigError(f"--num-images: FID/KID need at least 2 images, got {self.num_images}")
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+
+
+CONFIG = EvaluateConfig
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    from ddpm.config import TrackingConfig
-    from ddpm.sweep import Cell, CellRunner, ModelSource, SweepConfig, validate_sweep
-
-    if not cfg.pipeline:
-        raise ConfigError("--pipeline is required (a pipeline or checkpoint directory)")
+    """Writes the JSON row (and the images beside it); returns the row with its path under "out"."""
+    from ddpm.evaluate import Evaluator, Scoring, image_seeds
     from ddpm.export import run_dir_of
+    from ddpm.files import write_json
+    from ddpm.metrics import metric_columns
 
+    cfg.validate()
     path = Path(cfg.pipeline).resolve()
     run_dir = run_dir_of(path)
-    out = Path(cfg.out) if cfg.out else (run_dir / "evaluation" /
-                                         f"{cfg.metric}-{path.name}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json")
-    sweep = SweepConfig(name=out.stem, out_dir=str(out.parent), models=(ModelSource(pipeline=str(path)),),
-                        schedulers=(cfg.scheduler,), steps=(cfg.steps,), seeds=(cfg.seed,), num_images=cfg.num_images,
-                        batch_size=cfg.batch_size, grid_images=64, metric=cfg.metric, reference=cfg.reference,
-                        reference_images=cfg.reference_images, inception_weights=cfg.inception_weights, device=cfg.device,
-                        precision=cfg.precision, tracking=TrackingConfig(wandb=False))
-    validate_sweep(sweep)
-    row = CellRunner(sweep).run(Cell(model=f"{run_dir.name}/{path.name}", path=str(path), scheduler=cfg.scheduler,
-                                     steps=cfg.steps, seed=cfg.seed))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1))
+    name = f"{cfg.metric}-{path.name}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json"
+    out = Path(cfg.out) if cfg.out else run_dir / "evaluation" / name
+    scoring = Scoring(
+        metric=cfg.metric,
+        reference=cfg.reference,
+        reference_images=cfg.reference_images,
+        inception_weights=cfg.inception_weights,
+        batch_size=cfg.batch_size,
+    )
+    seeds = image_seeds(cfg.seed, cfg.num_images)
+    scores = Evaluator(scoring, cfg.device, cfg.precision).run(
+        str(path), cfg.scheduler, cfg.steps, seeds, out.parent / out.stem
+    )
+    row = {
+        "model": f"{run_dir.name}/{path.name}",
+        "model_path": str(path),
+        "scheduler": cfg.scheduler,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "num_images": cfg.num_images,
+        "metric": cfg.metric,
+        "reference": cfg.reference,
+        **scores,
+    }
+    write_json(out, row)
     if cfg.wandb:
         _track(cfg, run_dir, out.parent / out.stem, row)
+    shown = "\n".join(f"{k}: {row[k]:.6g}" for k in metric_columns(cfg.metric))
+    print(
+        f"{row['num_images']} images ({cfg.scheduler}, {cfg.steps} steps, seed {cfg.seed}) "
+        f"vs {row['reference_images']} "
+        f"reference images ({row['reference_data']})\n{shown}\njson: {out}"
+    )
     return {**row, "out": str(out)}
 
 
 def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None:
     from ddpm.config import TrackingConfig, load_config
-    from ddpm.sweep import metric_columns
+    from ddpm.metrics import metric_columns
     from ddpm.tracking import Tracker, run_metadata
 
     try:
@@ -76,6 +108,10 @@ def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None
         return
     name = f"{group}-evaluate-{cfg.metric}"
     # One W&B run per evaluation output (its id kept beside its images): rerunning it updates that run.
-    tracker = Tracker(tracking, out_dir, name, {"evaluate": dict(cfg.__dict__), "run": run_metadata()}, job_type="evaluate", group=group)
-    tracker.summarize({k: row[k] for k in [*metric_columns(cfg.metric), "num_images", "seed", "steps", "scheduler"] if k in row})
+    tracker = Tracker(
+        tracking, out_dir, name, {"evaluate": asdict(cfg), "run": run_metadata()}, job_type="evaluate", group=group
+    )
+    tracker.summarize(
+        {k: row[k] for k in [*metric_columns(cfg.metric), "num_images", "seed", "steps", "scheduler"] if k in row}
+    )
     tracker.finish()

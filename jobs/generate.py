@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddpm.config import Precision
 from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,24 +26,28 @@ GRID_COLUMNS = 16  # seeds per prompt in grid.png (a grid of thousands of images
 
 @dataclass
 class GenerateConfig:
-    model: str = ""                    # Hub id (user/name) or local directory (pipeline, or a ddpm checkpoint)
+    model: str = ""  # Hub id (user/name) or local directory (pipeline, or a ddpm checkpoint)
     prompts: list[str] = field(default_factory=list)  # text-to-image only; each gets num_images images
-    negative_prompt: str = ""
-    steps: int = 50
-    guidance: float = 7.5              # classifier-free guidance scale (text-to-image)
-    seed: int = 0                      # image i of every prompt uses seed + i: prompts are compared on the same noise
-    num_images: int = 4                # per prompt
-    batch_size: int = 4
-    dtype: str = "auto"                # auto: fp16 on CUDA, fp32 on the CPU
-    scheduler: str = ""                # "" keeps the pipeline's own; else a name from ddpm.sample.SAMPLERS
-    device: str = "auto"
-    out: str = ""                      # "" is generated/<model>-<time>; an existing non-empty directory is refused
+    negative_prompt: str = ""  # text-to-image: what the images should not show
+    steps: int = 50  # sampler steps
+    guidance: float = 7.5  # classifier-free guidance scale (text-to-image)
+    seed: int = 0  # image i of every prompt uses seed + i: prompts are compared on the same noise
+    num_images: int = 4  # per prompt
+    batch_size: int = 4  # images per pipeline call
+    precision: Precision = field(
+        default="auto", metadata={"aliases": ["--dtype"]}
+    )  # the pipeline's dtype; see ddpm.device.resolve_placement
+    scheduler: str = ""  # "" keeps the pipeline's own; else a name from ddpm.sample.SAMPLERS
+    device: str = "auto"  # auto: CUDA if present, else the CPU
+    out: str = ""  # "" is generated/<model>-<time>; an existing non-empty directory is refused
 
     def validate(self) -> None:
         from ddpm.sample import SAMPLERS
 
         if not self.model:
-            raise UserError("--model is required (a Hub id such as johnowhitaker/ddpm-butterflies-32px, or a local directory)")
+            raise UserError(
+                "--model is required (a Hub id such as johnowhitaker/ddpm-butterflies-32px, or a local directory)"
+            )
         for key in ("steps", "num_images", "batch_size"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
@@ -60,23 +65,28 @@ class GenerateConfig:
         return Path("generated") / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+CONFIG = GenerateConfig
+
+
 def run(cfg: GenerateConfig) -> Path:
-    """Returns the output directory."""
+    """Returns the output directory. DDPM pipelines run on ddpm.sample's loop, as `ddpm sample` does (it scales the
+    initial noise and the model input for every scheduler); other pipelines through their own __call__."""
     import numpy as np
     import torch
+    from PIL import Image
     from tqdm.auto import tqdm
 
+    from ddpm.device import resolve_placement
     from ddpm.files import write_json
-    from ddpm.pretrained import generate_images, load_any_pipeline, pick_dtype, set_sampler, takes_prompt
-    from ddpm.sample import make_grid, resolve_device
+    from ddpm.pretrained import generate_images, load_any_pipeline, set_sampler, takes_prompt
+    from ddpm.sample import generate, make_grid
 
     cfg.validate()
     out = cfg.out_dir()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files; give a new directory (nothing there is overwritten)")
-    device = resolve_device(cfg.device)[0]
-    dtype = pick_dtype(device, cfg.dtype)
-    pipe = load_any_pipeline(cfg.model, dtype)
+    placement = resolve_placement(cfg.device, cfg.precision)
+    pipe = load_any_pipeline(cfg.model, placement.precision)
     text = takes_prompt(pipe)
     if text and not cfg.prompts:
         raise UserError(f"--model {cfg.model} is a text-to-image pipeline ({type(pipe).__name__}): give --prompt")
@@ -84,8 +94,28 @@ def run(cfg: GenerateConfig) -> Path:
         raise UserError(f"--model {cfg.model} is unconditional ({type(pipe).__name__}): it takes no --prompt")
     if cfg.scheduler:
         set_sampler(pipe, cfg.scheduler)
-    pipe = pipe.to(device)
+    pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
+    ddpm_loop = type(pipe).__name__ == "DDPMPipeline"
+
+    def images_of(prompt: str | None):
+        if ddpm_loop:  # autocast to the dtype the weights were loaded in (none for fp32)
+            for start in range(0, len(seeds), cfg.batch_size):
+                chunk = seeds[start : start + cfg.batch_size]
+                made = generate(
+                    pipe.unet,
+                    pipe.scheduler,
+                    chunk,
+                    cfg.steps,
+                    cfg.batch_size,
+                    placement.device,
+                    placement.autocast_dtype,
+                )
+                yield from zip(chunk, (Image.fromarray(im) for im in made))
+        else:
+            yield from generate_images(
+                pipe, seeds, cfg.steps, cfg.batch_size, prompt, cfg.negative_prompt or None, cfg.guidance
+            )
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
@@ -94,8 +124,7 @@ def run(cfg: GenerateConfig) -> Path:
     start = time.perf_counter()
     with tqdm(total=len(prompts) * len(seeds), desc=f"generating with {type(pipe).__name__}", unit="img") as bar:
         for j, prompt in enumerate(prompts):
-            for seed, image in generate_images(pipe, seeds, cfg.steps, cfg.batch_size, prompt,
-                                               cfg.negative_prompt or None, cfg.guidance):
+            for seed, image in images_of(prompt):
                 name = f"p{j}-seed-{seed:06d}.png" if text else f"seed-{seed:06d}.png"
                 image.save(out / "images" / name)
                 written.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
@@ -103,14 +132,33 @@ def run(cfg: GenerateConfig) -> Path:
                     grid_cells.append(image.convert("RGB"))
                 bar.update(1)
     seconds = time.perf_counter() - start
-    make_grid(np.stack([np.asarray(im) for im in grid_cells]), cols=min(len(seeds), GRID_COLUMNS) if text else 0).save(out / "grid.png")
-    write_json(out / "settings.json", {
-        "model": cfg.model, "pipeline_class": type(pipe).__name__, "text_to_image": text,
-        "scheduler": cfg.scheduler or "pipeline default", "scheduler_class": type(pipe.scheduler).__name__,
-        "steps": cfg.steps, "guidance": cfg.guidance if text else None, "prompts": cfg.prompts,
-        "negative_prompt": cfg.negative_prompt or None, "seed": cfg.seed, "num_images": cfg.num_images,
-        "batch_size": cfg.batch_size, "device": str(device), "dtype": dtype, "torch": torch.__version__,
-        "seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(written), 4),
-        "grid": "grid.png", "images": written})
+    make_grid(np.stack([np.asarray(im) for im in grid_cells]), cols=min(len(seeds), GRID_COLUMNS) if text else 0).save(
+        out / "grid.png"
+    )
+    write_json(
+        out / "settings.json",
+        {
+            "model": cfg.model,
+            "pipeline_class": type(pipe).__name__,
+            "text_to_image": text,
+            "scheduler": cfg.scheduler or "pipeline default",
+            "scheduler_class": type(pipe.scheduler).__name__,
+            "steps": cfg.steps,
+            "guidance": cfg.guidance if text else None,
+            "prompts": cfg.prompts,
+            "negative_prompt": cfg.negative_prompt or None,
+            "seed": cfg.seed,
+            "num_images": cfg.num_images,
+            "batch_size": cfg.batch_size,
+            "device": str(placement.device),
+            "precision": placement.precision,
+            "torch": torch.__version__,
+            "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / len(written), 4),
+            "grid": "grid.png",
+            "images": written,
+        },
+    )
     log.info("wrote %d images to %s", len(written), out)
+    print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}\nsettings: {out / 'settings.json'}")
     return out

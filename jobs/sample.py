@@ -1,4 +1,4 @@
-"""Sample job: images and a grid from an exported pipeline, deterministic per seed."""
+"""Sample job: images and a grid from an exported pipeline or a checkpoint, deterministic per seed."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision
 from ddpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -15,21 +15,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SampleConfig:
-    pipeline: str = ""                 # a pipeline directory (runs/<name>/pipeline) or a checkpoint (runs/<name>/checkpoints/step-N)
-    scheduler: str = "ddim"            # sampler name; see ddpm.sample.SAMPLERS
-    steps: int = 25                    # sampler steps
-    num_images: int = 64
-    seed: int = 0                      # image i uses seed + i
-    batch_size: int = 64
-    out: str = ""                      # output directory; "" means <pipeline>/../samples/<scheduler>-<steps>-seed<seed>
-    device: str = "auto"               # auto: CUDA if present, else CPU
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA GPUs that have it, fp32 elsewhere
+    pipeline: str = ""  # a pipeline directory (runs/<name>/pipeline) or a checkpoint (runs/<name>/checkpoints/step-N)
+    scheduler: str = DEFAULT_SAMPLER  # sampler name; see ddpm.sample.SAMPLERS
+    steps: int = DEFAULT_STEPS  # sampler steps
+    num_images: int = 64  # images to write
+    seed: int = 0  # image i uses seed + i
+    batch_size: int = 64  # images per forward pass
+    out: str = ""  # output directory; "" means <pipeline>/../samples/<scheduler>-<steps>steps-seed<seed>
+    device: str = "auto"  # auto: CUDA if present, else the CPU
+    precision: Precision = "auto"  # see ddpm.device.resolve_placement
 
     def validate(self) -> None:
         from ddpm.sample import SAMPLERS
 
         if not self.pipeline:
-            raise ConfigError("--pipeline is required (a directory written by ddpm train, e.g. runs/digits-16px/pipeline)")
+            raise ConfigError(
+                "--pipeline is required (a directory written by ddpm train, e.g. runs/digits-16px/pipeline)"
+            )
         if self.scheduler not in SAMPLERS:
             raise ConfigError(f"--scheduler: {self.scheduler!r} is not one of {', '.join(SAMPLERS)}")
         for key in ("steps", "num_images", "batch_size"):
@@ -45,20 +47,28 @@ class SampleConfig:
         return Path(self.pipeline).resolve().parent / "samples" / f"{self.scheduler}-{self.steps}steps-seed{self.seed}"
 
 
+CONFIG = SampleConfig
+
+
 def run(cfg: SampleConfig) -> Path:
     """Write PNGs named by seed, grid.png and settings.json; returns the output directory."""
+    from ddpm.device import resolve_placement
     from ddpm.export import load_pipeline
-    from ddpm.sample import generate, make_sampler, resolve_device, save_images
+    from ddpm.sample import generate, make_sampler, save_images
 
     cfg.validate()
     pipe = load_pipeline(cfg.pipeline)
-    device, precision, autocast = resolve_device(cfg.device, cfg.precision)
-    unet = pipe.unet.to(device).eval()
+    placement = resolve_placement(cfg.device, cfg.precision)
+    unet = pipe.unet.to(placement.device).eval()
     sampler = make_sampler(cfg.scheduler, pipe.scheduler)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
-    images = generate(unet, sampler, seeds, cfg.steps, cfg.batch_size, device, autocast, progress=True)
+    images = generate(
+        unet, sampler, seeds, cfg.steps, cfg.batch_size, placement.device, placement.autocast_dtype, progress=True
+    )
     out = cfg.out_dir
     grid = save_images(images, seeds, out, grid_images=len(images))  # what was asked for, as before
-    (out / "settings.json").write_text(json.dumps({**asdict(cfg), "device": str(device), "precision": precision}, indent=1))
+    settings = {**asdict(cfg), "device": str(placement.device), "precision": placement.precision}
+    (out / "settings.json").write_text(json.dumps(settings, indent=1))
     log.info("wrote %d images and %s", len(images), grid)
+    print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")
     return out

@@ -1,70 +1,125 @@
 """Sweep job: every cell of a sampling grid, resumable and shardable; tables, plot and a W&B run at the end.
 
-    ddpm sweep --config configs/sweeps/digits.yaml              # all cells, then the results
-    ddpm sweep --config ... --shard 0/4                         # cells 0, 4, 8, ... (a SLURM array task)
-    ddpm sweep --config ... --merge                             # the results from the shards' cells
-    ddpm sweep --config ... --plan-only                         # resolve the models and write plan.json
+ddpm sweep --config configs/sweeps/digits.yaml              # all cells, then the results
+ddpm sweep --config ... --shard 0/4                         # cells 0, 4, 8, ... (a SLURM array task)
+ddpm sweep --config ... --merge                             # the results from the shards' cells
+ddpm sweep --config ... --plan-only                         # resolve the models and write plan.json
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from ddpm.errors import UserError
-from ddpm.sweep import SweepConfig, collect_rows, make_plan, metric_columns, parse_shard, read_plan, run_cells, write_plan, write_results
+from ddpm.errors import ConfigError, UserError
+from ddpm.sweep import SweepConfig, load_sweep_config, parse_shard, plan, read_plan
+from ddpm.sweep_cells import collect_rows, run_cells
 
 log = logging.getLogger(__name__)
 
 
-def plan(cfg: SweepConfig) -> list:
-    """Resolve the models now (the newest checkpoints of a run change while it trains) and record the cells."""
-    cells = make_plan(cfg)
-    write_plan(cfg, cells)
-    return cells
+@dataclass
+class SweepJobConfig(SweepConfig):
+    """The sweep's grid (ddpm.sweep.SweepConfig) plus how this invocation runs, which is not part of the grid."""
+
+    shard: str = ""  # I/N: run only cells I, I+N, ... (one task of a SLURM array); no tables
+    merge: bool = False  # write the tables, plot and W&B run from the cells the shards wrote
+    plan_only: bool = False  # resolve the models, write plan.json and exit
+
+    def validate(self) -> None:
+        if sum(map(bool, (self.shard, self.merge, self.plan_only))) > 1:
+            raise ConfigError("--shard, --merge and --plan-only exclude each other")
+        if self.shard:
+            parse_shard(self.shard)
 
 
-def run(cfg: SweepConfig, shard: str = "", merge: bool = False, plan_only: bool = False, cells: list | None = None) -> dict[str, Path] | None:
+CONFIG = SweepJobConfig
+
+
+def load(path: str | None, overrides: list[str] = (), values: dict | None = None) -> SweepJobConfig:
+    cfg = load_sweep_config(path, overrides, values, cls=SweepJobConfig)
+    cfg.validate()
+    return cfg
+
+
+def run(cfg: SweepJobConfig, cells: list | None = None) -> dict[str, Path] | None:
     """Returns the result files, or None when only a shard's cells (or only the plan) were done.
 
-    Shards and the merge must see the same cells: SLURM tasks get them with the job; by hand, they read
-    the plan that `--plan-only` (or a whole run) wrote for this very config."""
+    Shards and the merge must see the same cells: SLURM tasks get them with the job (`cells`); by hand, they
+    read the plan that `--plan-only` (or a whole run) wrote for this very config."""
     if cells is None:
-        if shard or merge:
+        if cfg.shard or cfg.merge:
             cells = read_plan(cfg)
             if cells is None:
-                raise UserError(f"no plan for this sweep config in {cfg.sweep_dir}: run `ddpm sweep --config ... --plan-only` once "
-                                f"before the shards (ddpm submit sweep does it for you)")
+                raise UserError(
+                    f"no plan for this sweep config in {cfg.sweep_dir}: run `ddpm sweep --config ... --plan-only` "
+                    f"once before the shards (ddpm submit sweep does it for you)"
+                )
         else:
             cells = plan(cfg)
-    text = f" x {len(cfg.prompts)} prompts x {len(cfg.guidance_scales)} guidance scales" if any(c.prompt for c in cells) else ""
-    log.info("sweep %s: %d cells (%d models x %d schedulers x %d step counts x %d seeds%s), %d images each, in %s",
-             cfg.name, len(cells), len({c.model for c in cells}), len(cfg.schedulers), len(cfg.steps), len(cfg.seeds),
-             text, cfg.num_images, cfg.sweep_dir)
-    if plan_only:
+    text = (
+        f" x {len(cfg.prompts)} prompts x {len(cfg.guidance_scales)} guidance scales"
+        if any(c.prompt for c in cells)
+        else ""
+    )
+    log.info(
+        "sweep %s: %d cells (%d models x %d schedulers x %d step counts x %d seeds%s), %d images each, in %s",
+        cfg.name,
+        len(cells),
+        len({c.model for c in cells}),
+        len(cfg.schedulers),
+        len(cfg.steps),
+        len(cfg.seeds),
+        text,
+        cfg.num_images,
+        cfg.sweep_dir,
+    )
+    if cfg.plan_only:
+        print(f"plan: {cfg.sweep_dir / 'plan.json'}")
         return None
-    if shard:
-        i, n = parse_shard(shard)
+    if cfg.shard:
+        i, n = parse_shard(cfg.shard)
         done, skipped = run_cells(cfg, cells[i::n])
         log.info("shard %d/%d: %d cells run, %d already done", i, n, done, skipped)
+        print(f"cells: {cfg.sweep_dir / 'cells'}")
         return None
-    if not merge:
+    if not cfg.merge:
         run_cells(cfg, cells)
+    from ddpm.results import write_results
+
     rows = collect_rows(cfg, cells)
-    files = write_results(cfg, rows)
+    files = write_results(cfg.sweep_dir, cfg.name, cfg.metric, rows)
     _track(cfg, rows, files)
+    print("\n".join(f"{k}: {v}" for k, v in files.items()))
     return files
 
 
 def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
-    from ddpm.config import to_dict
+    from ddpm.metrics import metric_columns
+    from ddpm.sweep import grid_dict
     from ddpm.tracking import Tracker, run_metadata
 
     if not cfg.tracking.wandb:
         return
-    tracker = Tracker(cfg.tracking, cfg.sweep_dir, cfg.name, {**to_dict(cfg), "run": run_metadata()}, job_type="sweep",
-                      group=_group(cfg, rows))
-    columns = ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "num_images", *metric_columns(cfg.metric)]
+    tracker = Tracker(
+        cfg.tracking,
+        cfg.sweep_dir,
+        cfg.name,
+        {**grid_dict(cfg), "run": run_metadata()},
+        job_type="sweep",
+        group=_group(cfg, rows),
+    )
+    columns = [
+        "cell",
+        "model",
+        "checkpoint_step",
+        "scheduler",
+        "steps",
+        "seed",
+        "num_images",
+        *metric_columns(cfg.metric),
+    ]
     if any(r.get("prompt") is not None for r in rows):
         columns[6:6] = ["prompt", "guidance"]
     table = [[r.get(c) for c in columns] for r in rows]
@@ -75,14 +130,16 @@ def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
     if cfg.metric != "none":
         key = metric_columns(cfg.metric)[0]
         best = min(rows, key=lambda r: r[key])
-        tracker.summarize({f"best_{key}": best[key], "best_cell": best["cell"], "num_images": cfg.num_images, "cells": len(rows)})
+        tracker.summarize(
+            {f"best_{key}": best[key], "best_cell": best["cell"], "num_images": cfg.num_images, "cells": len(rows)}
+        )
     tracker.finish()
 
 
 def _group(cfg: SweepConfig, rows: list[dict]) -> str:
-    """The W&B group of the training run the first model comes from, so its sweeps sit beside it; else the sweep name."""
+    """The W&B group of the training run the first model comes from, so its sweeps sit beside it; else the sweep
+    name."""
     from ddpm.config import load_config
-
     from ddpm.export import run_dir_of
 
     run_dir = run_dir_of(rows[0]["model_path"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddpm.errors import UserError
@@ -20,13 +20,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UploadConfig:
-    pipeline: str = ""                 # runs/<name>/pipeline
-    repo_id: str = ""                  # user/name or org/name
-    private: bool = False              # visibility when the repo is created (an existing repo keeps its own)
-    revision: str = ""                 # branch to commit to; "" is main; created from main when missing
-    license: str = "mit"               # the card's license field
-    dry_run: bool = False              # stage and list the files and the card; no network, no token needed
-    message: str = ""                  # commit message; "" names the run
+    pipeline: str = ""  # runs/<name>/pipeline
+    repo_id: str = field(default="", metadata={"aliases": ["--repo"]})  # Hub model repository: user/name or org/name
+    private: bool = False  # visibility when the repo is created (an existing repo keeps its own)
+    revision: str = ""  # branch to commit to; "" is main; created from main when missing
+    license: str = "mit"  # the card's license field
+    dry_run: bool = False  # stage and list the files and the card; no network, no token needed
+    message: str = ""  # commit message; "" names the run
+
+
+CONFIG = UploadConfig
 
 
 def _size(n: int) -> str:
@@ -65,8 +68,10 @@ def run(cfg: UploadConfig) -> str:
         total = sum((staged / f).stat().st_size for f in files)
         revision = cfg.revision or "main"
         listing = "\n".join(f"  {f}  ({_size((staged / f).stat().st_size)})" for f in files)
-        header = (f"{cfg.repo_id}@{revision} ({'private' if cfg.private else 'public'} if created): {len(files)} files, "
-                  f"{_size(total)}, {pipeline_class} from {pipeline}")
+        header = (
+            f"{cfg.repo_id}@{revision} ({'private' if cfg.private else 'public'} if created): {len(files)} files, "
+            f"{_size(total)}, {pipeline_class} from {pipeline}"
+        )
         if cfg.dry_run:
             print(f"dry run, nothing sent: would upload to {header}\n{listing}")
             print("--- README.md ---\n" + (staged / "README.md").read_text())
@@ -74,7 +79,9 @@ def run(cfg: UploadConfig) -> str:
         from huggingface_hub import HfApi, get_token
 
         if not get_token():
-            raise UserError("no Hugging Face token: set HF_TOKEN, or run `hf auth login` once (the token is never printed)")
+            raise UserError(
+                "no Hugging Face token: set HF_TOKEN, or run `hf auth login` once (the token is never printed)"
+            )
         from huggingface_hub.errors import HfHubHTTPError
 
         api = HfApi()
@@ -84,17 +91,30 @@ def run(cfg: UploadConfig) -> str:
             if cfg.revision:
                 api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
             before = api.repo_info(cfg.repo_id, revision=revision).sha
-            info = api.upload_folder(repo_id=cfg.repo_id, folder_path=staged, revision=revision,
-                                     commit_message=cfg.message or f"Upload {pipeline.parent.name} (ddpm)")
+            info = api.upload_folder(
+                repo_id=cfg.repo_id,
+                folder_path=staged,
+                revision=revision,
+                commit_message=cfg.message or f"Upload {pipeline.parent.name} (ddpm)",
+            )
         except HfHubHTTPError as e:  # 401/403/404/...: the server's first line says which
             status = e.response.status_code if e.response is not None else None
-            hint = (f" (the token was refused: it needs write access to {cfg.repo_id.split('/')[0]}'s repositories)"
-                    if status in (401, 403) else "")
+            hint = (
+                f" (the token was refused: it needs write access to {cfg.repo_id.split('/')[0]}'s repositories)"
+                if status in (401, 403)
+                else ""
+            )
             raise UserError(f"upload to {cfg.repo_id} failed: {str(e).splitlines()[0]}{hint}") from None
         except (OSError, *_http_client_errors()) as e:
-            raise UserError(f"upload to {cfg.repo_id} failed: {type(e).__name__}: {e}; a commit lands whole or not at all: rerun to finish") from None
+            raise UserError(
+                f"upload to {cfg.repo_id} failed: {type(e).__name__}: {e}; "
+                "a commit lands whole or not at all: rerun to finish"
+            ) from None
         if info.oid == before:
-            print(f"nothing changed: {cfg.repo_id}@{revision} already holds these files (commit {before[:10]}); no commit made")
+            print(
+                f"nothing changed: {cfg.repo_id}@{revision} already holds these files (commit {before[:10]}); "
+                "no commit made"
+            )
         else:
             print(f"committed {info.oid[:10]}: {info.commit_url}")
         return info.oid

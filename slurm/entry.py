@@ -8,12 +8,15 @@ shards use submitit's requeue as it is: their unit of work is a cell, and finish
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ddpm.errors import RunStopped
 
@@ -25,8 +28,13 @@ def _setup_logging() -> None:
 
     no_world_writable_files()  # every task's first call: nothing it writes is writable by other users
     rank = int(os.environ.get("SLURM_PROCID", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stdout,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("submitit").propagate = False  # it has its own handler: once is enough
 
 
@@ -34,8 +42,10 @@ def requeue(max_requeues: int, reason: str) -> None:
     """Ask SLURM to requeue this job, then wait for it to end this attempt; the next attempt resumes."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if restarts >= max_requeues:
-        raise RuntimeError(f"{reason}; not requeued: this job was requeued {restarts} times already (max_requeues in the "
-                           f"cluster profile); submit it again to resume from its checkpoint")
+        raise RuntimeError(
+            f"{reason}; not requeued: this job was requeued {restarts} times already (max_requeues in the "
+            f"cluster profile); submit it again to resume from its checkpoint"
+        )
     job = os.environ["SLURM_JOB_ID"]
     if int(os.environ.get("SLURM_PROCID", "0")) == 0:
         try:
@@ -46,14 +56,16 @@ def requeue(max_requeues: int, reason: str) -> None:
         if refused:
             # Fail now rather than sleep into the time limit. (When SLURM is requeueing the job by itself, after a
             # preemption or an `scontrol requeue`, this is refused too, and the job comes back regardless.)
-            raise RuntimeError(f"{reason}; scontrol requeue {job} failed ({refused}): submit again to resume from the checkpoint")
+            raise RuntimeError(
+                f"{reason}; scontrol requeue {job} failed ({refused}): submit again to resume from the checkpoint"
+            )
         print(f"{reason}; requeue of job {job} (attempt {restarts + 1}): accepted", flush=True)
     time.sleep(900)  # SLURM ends this attempt (SIGTERM, which submitit ignores, then SIGKILL after KillWait)
     raise RuntimeError(f"job {job} asked to be requeued but was not stopped by SLURM within 15 minutes")
 
 
 class TrainTask:
-    """One task per GPU (per node on CPUs): torch.distributed from SLURM's variables, then the training loop."""
+    """One task per GPU (per node on CPUs): torch.distributed from SLURM's variables, then the training job."""
 
     def __init__(self, cfg, max_requeues: int, dist_timeout_min: int):
         self.cfg, self.max_requeues, self.dist_timeout_min = cfg, max_requeues, dist_timeout_min
@@ -61,18 +73,21 @@ class TrainTask:
     def __call__(self) -> str:
         import submitit
 
-        from ddpm.train import train
+        from jobs import train
 
         _setup_logging()
         # One scheme for devices: every task sees all GPUs of its node and accelerate picks cuda:LOCAL_RANK.
         # (export()'s default would narrow CUDA_VISIBLE_DEVICES to one GPU, and then cuda:LOCAL_RANK would not exist.)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ["DDPM_DIST_TIMEOUT_MIN"] = str(self.dist_timeout_min)
-        print(f"task {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on {socket.gethostname()} "
-              f"(master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
-              flush=True)
+        print(
+            f"task {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on {socket.gethostname()} "
+            f"(master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, "
+            f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
+            flush=True,
+        )
         try:
-            path = train(self.cfg)
+            path = train.run(self.cfg)
         except RunStopped as e:
             requeue(self.max_requeues, str(e))
             raise
@@ -80,7 +95,8 @@ class TrainTask:
 
 
 class SweepShardTask:
-    """Array task i runs shard i/n of the sweep; on the time-limit signal submitit requeues it and done cells are skipped."""
+    """Array task i runs shard i/n of the sweep; on the time-limit signal submitit requeues it and done cells are
+    skipped."""
 
     def __init__(self, cfg, num_shards: int, cells: list):
         self.cfg, self.num_shards, self.cells = cfg, num_shards, cells  # the cells travel with the job
@@ -89,28 +105,13 @@ class SweepShardTask:
         from jobs import sweep
 
         _setup_logging()
-        sweep.run(self.cfg, shard=f"{shard}/{self.num_shards}", cells=self.cells)
+        sweep.run(dataclasses.replace(self.cfg, shard=f"{shard}/{self.num_shards}"), cells=self.cells)
         return f"shard {shard}/{self.num_shards} done"
 
     def checkpoint(self, shard: int):
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, shard)
-
-
-class CliTask:
-    """A `ddpm` command line (upload, sweep --merge, ...) as a job; a non-zero exit fails the job."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = argv
-
-    def __call__(self) -> str:
-        from jobs.cli import main
-
-        code = main(self.argv)
-        if code != 0:
-            raise RuntimeError(f"ddpm {' '.join(self.argv)} exited with status {code}")
-        return f"ddpm {self.argv[0]} done"
 
 
 class SweepMergeTask:
@@ -123,5 +124,18 @@ class SweepMergeTask:
         from jobs import sweep
 
         _setup_logging()
-        files = sweep.run(self.cfg, merge=True, cells=self.cells)
+        files = sweep.run(dataclasses.replace(self.cfg, merge=True), cells=self.cells)
         return str(files["csv"])
+
+
+class JobTask:
+    """Any job's `run(cfg)` as a SLURM job (an upload after training, ...): the typed config travels, not a command
+    line. A UserError fails the job with its one line."""
+
+    def __init__(self, run: Callable[[Any], Any], cfg: Any):
+        self.run, self.cfg = run, cfg  # a job module's run, e.g. jobs.upload.run (pickled by reference)
+
+    def __call__(self) -> str:
+        _setup_logging()
+        self.run(self.cfg)
+        return f"{self.run.__module__}.run done"

@@ -14,7 +14,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -27,7 +26,17 @@ from ddpm.files import unique_suffix
 from slurm.profile import ClusterProfile, check_shared, python_command, sbatch_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def code_snapshot(dest_root: Path) -> tuple[Path, str]:
@@ -35,6 +44,7 @@ def code_snapshot(dest_root: Path) -> tuple[Path, str]:
     .gitignore ignores): HEAD's SHA, plus "+dirty:<tree>" when the checkout differs from it. The tree is
     written through a temporary index, so the checkout and its index stay untouched; the directory is named
     by the tree, so the same code reuses one snapshot."""
+
     def git(*args: str, env: dict | None = None) -> str:
         r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
         if r.returncode != 0:
@@ -52,7 +62,9 @@ def code_snapshot(dest_root: Path) -> tuple[Path, str]:
     if not dest.is_dir():
         dest_root.mkdir(parents=True, exist_ok=True)
         tmp = dest_root / f".tmp-{tree[:16]}-{unique_suffix()}"
-        archive = subprocess.run(["git", "archive", "--format=tar", tree], cwd=REPO, capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", tree], cwd=REPO, capture_output=True, check=True
+        ).stdout
         tmp.mkdir()
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
@@ -74,9 +86,19 @@ class Submitted:
         return f"{self.kind} job {self.job_id}\n  log: {self.stdout}\n  err: {self.stderr}"
 
 
-def _executor(profile: ClusterProfile, folder: Path, kind: str, name: str, code: Path, sha: str, nodes: int | None = None,
-              after: str = "", binds: list[Path] = ()):
-    """`binds`: what the job reads or writes besides the code and its logs (run and sweep directories, data, weights)."""
+def _executor(
+    profile: ClusterProfile,
+    folder: Path,
+    kind: str,
+    name: str,
+    code: Path,
+    sha: str,
+    nodes: int | None = None,
+    after: str = "",
+    binds: list[Path] = (),
+):
+    """`binds`: what the job reads or writes besides the code and its logs (run and sweep directories, data,
+    weights)."""
     import submitit
 
     cache = Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm"))
@@ -84,10 +106,18 @@ def _executor(profile: ClusterProfile, folder: Path, kind: str, name: str, code:
     for d in (log_root, cache):
         d.mkdir(parents=True, exist_ok=True)  # apptainer refuses to bind a path that does not exist
     mounts = list(dict.fromkeys(str(p.resolve()) for p in (code, log_root, cache, *binds) if p.exists()))
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues,
-                                python=python_command(profile, REPO / ".venv" / "bin" / "python", [Path(m) for m in mounts]))
+    ex = submitit.SlurmExecutor(
+        folder=folder,
+        max_num_timeout=profile.max_requeues,
+        python=python_command(profile, REPO / ".venv" / "bin" / "python", [Path(m) for m in mounts]),
+    )
     params = sbatch_parameters(profile, kind, nodes)  # type: ignore[arg-type]
-    params["setup"] = [*params["setup"], f"export PYTHONPATH={code}", f"export DDPM_GIT_SHA={sha}", "export PYTHONUNBUFFERED=1"]
+    params["setup"] = [
+        *params["setup"],
+        f"export PYTHONPATH={code}",
+        f"export DDPM_GIT_SHA={sha}",
+        "export PYTHONUNBUFFERED=1",
+    ]
     params["additional_parameters"] = {**params.get("additional_parameters", {}), "chdir": str(code)}
     if kind == "train":
         params["additional_parameters"]["requeue"] = True  # sites may default to --no-requeue; the job requeues itself
@@ -118,14 +148,17 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None)
     check_shared(profile, **{"the run directory": cfg.run_dir, "the SLURM log folder": logs})
     code, sha = code_snapshot(Path(cfg.runs_dir) / ".code")
     data = [Path(p) for p in (cfg.data.path if cfg.data.source == "folder" else "", cfg.data.cache_dir) if p]
-    ex = _executor(profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes, binds=[Path(cfg.runs_dir), *data])
+    ex = _executor(
+        profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes, binds=[Path(cfg.runs_dir), *data]
+    )
     job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min))
     return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
 
 
 def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:
-    """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded."""
-    from jobs.sweep import plan
+    """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded.
+    `cfg` is the sweep job's config (jobs.sweep.SweepJobConfig)."""
+    from ddpm.sweep import plan
     from slurm.entry import SweepMergeTask, SweepShardTask
 
     cells = plan(cfg)  # resolved once here and sent with the jobs: every task sweeps the same checkpoints
@@ -141,21 +174,31 @@ def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, 
     ex = _executor(profile, logs / "%j", "sweep", f"sweep-{cfg.name}", code, sha, binds=binds)
     jobs = ex.map_array(SweepShardTask(cfg, shards, cells), list(range(shards)))
     array_id = jobs[0].job_id.split("_")[0]
-    merge = _executor(profile, logs / "%j", "cpu", f"merge-{cfg.name}", code, sha, after=array_id,
-                      binds=binds).submit(SweepMergeTask(cfg, cells))
+    merge = _executor(profile, logs / "%j", "cpu", f"merge-{cfg.name}", code, sha, after=array_id, binds=binds).submit(
+        SweepMergeTask(cfg, cells)
+    )
     first = jobs[0]
-    return (Submitted(f"sweep array ({shards} tasks, {len(cells)} cells)", array_id, first.paths.stdout, first.paths.stderr),
-            Submitted("merge", merge.job_id, merge.paths.stdout, merge.paths.stderr))
+    return (
+        Submitted(
+            f"sweep array ({shards} tasks, {len(cells)} cells)", array_id, first.paths.stdout, first.paths.stderr
+        ),
+        Submitted("merge", merge.job_id, merge.paths.stdout, merge.paths.stderr),
+    )
 
 
-def submit_upload(profile: ClusterProfile, argv: list[str], logs: Path, after: str = "") -> Submitted:
-    from slurm.entry import CliTask
+def submit_upload(profile: ClusterProfile, cfg, after: str = "") -> Submitted:
+    """A Hub upload (jobs.upload.UploadConfig) as a small CPU job, after job `after` succeeded if given."""
+    from jobs import upload
+    from slurm.entry import JobTask
 
+    logs = Path(cfg.pipeline).resolve().parent / "slurm"
     check_shared(profile, **{"the SLURM log folder": logs})
     code, sha = code_snapshot(logs.parent.parent / ".code")  # <runs_dir>/.code, shared with training
     ex = _executor(profile, logs / "%j", "cpu", "upload", code, sha, after=after, binds=[logs.parent])
-    job = ex.submit(CliTask(["upload", *argv]))
-    return Submitted("upload" + (f" (after job {after} succeeds)" if after else ""), job.job_id, job.paths.stdout, job.paths.stderr)
+    job = ex.submit(JobTask(upload.run, cfg))
+    return Submitted(
+        "upload" + (f" (after job {after} succeeds)" if after else ""), job.job_id, job.paths.stdout, job.paths.stderr
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -202,7 +245,14 @@ def wait(job_ids: list[str], poll_s: float = 5.0) -> dict[str, str]:
 
 def describe_train(cfg: Config, submitted: Submitted, nodes: int, profile: ClusterProfile) -> str:
     t = cfg.tracking
-    wandb = f"{t.entity + '/' if t.entity else ''}{t.project}, run {cfg.run_name} (group {t.group or cfg.run_name})" if t.wandb else "off"
+    wandb = (
+        f"{t.entity + '/' if t.entity else ''}{t.project}, run {cfg.run_name} (group {t.group or cfg.run_name})"
+        if t.wandb
+        else "off"
+    )
     tasks = nodes * max(1, profile.gpus_per_node)
-    return (f"{submitted.describe()}\n  {nodes} node(s) x {max(1, profile.gpus_per_node)} task(s) = world size {tasks} on {profile.name}"
-            f"\n  run dir: {Path(cfg.runs_dir).resolve() / cfg.run_name}\n  W&B: {wandb}")
+    return (
+        f"{submitted.describe()}\n  {nodes} node(s) x {max(1, profile.gpus_per_node)} task(s) = world size {tasks} "
+        f"on {profile.name}"
+        f"\n  run dir: {Path(cfg.runs_dir).resolve() / cfg.run_name}\n  W&B: {wandb}"
+    )

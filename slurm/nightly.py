@@ -1,6 +1,6 @@
 """Nightly sampling sweeps over the newest checkpoints of the runs named in a YAML file.
 
-    python -m slurm.nightly install --cluster local --runs slurm/nightly.yaml   # scrontab entry (or prints a crontab line)
+    python -m slurm.nightly install --cluster local --runs slurm/nightly.yaml   # scrontab entry (or the crontab line)
     python -m slurm.nightly submit --cluster local --runs slurm/nightly.yaml    # what the entry runs each night
 
 The YAML names the runs, how many of their newest checkpoints to sweep, the cron schedule and the
@@ -11,55 +11,70 @@ nightly-<date>, so the nights sit side by side in W&B.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ddpm.errors import ConfigError, UserError
+from ddpm.sweep import ModelSource, SweepConfig, absolute_paths, validate_sweep
+from ddpm.typed_config import build_config, read_tree
+from jobs.sweep import SweepJobConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "# ddpm nightly sweep: begin", "# ddpm nightly sweep: end"
 
 
-def read_nightly(path: Path) -> dict:
+@dataclass
+class NightlyConfig:
+    runs: tuple[str, ...] = ()  # run directories whose newest checkpoints are swept, relative to the file
+    newest: int = 1  # newest valid checkpoints per run
+    schedule: str = "0 2 * * *"  # cron schedule: 02:00 every day
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # the sweep grid, without models and name (set here)
+
+
+def read_nightly(path: Path) -> NightlyConfig:
     if not path.is_file():
         raise ConfigError(f"nightly file not found: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"runs", "newest", "schedule", "sweep"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: runs, newest, schedule, sweep")
-    if not spec.get("runs"):
+    try:
+        spec = build_config(NightlyConfig, read_tree(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not spec.runs:
         raise ConfigError(f"{path}: runs: give at least one run directory")
+    for key in ("models", "name"):
+        if getattr(spec.sweep, key):
+            raise ConfigError(f"{path}: sweep.{key} is set by the nightly job; remove it")
     return spec
 
 
-def sweep_config(path: Path, today: datetime.date | None = None):
-    from ddpm.config import build_config
-    from ddpm.sweep import SweepConfig, absolute_paths, validate_sweep
-
+def sweep_config(path: Path, today: datetime.date | None = None) -> SweepJobConfig:
+    """Tonight's sweep: the grid of the file over the newest checkpoints of its runs, named nightly-<date>."""
     spec = read_nightly(path)
-    grid = dict(spec.get("sweep") or {})
-    for key in ("models", "name"):
-        if key in grid:
-            raise ConfigError(f"{path}: sweep.{key} is set by the nightly job; remove it")
     base = path.resolve().parent
-    grid["models"] = [{"run": str((base / r).resolve() if not Path(r).is_absolute() else r), "newest": int(spec.get("newest", 1))}
-                      for r in spec["runs"]]
-    grid["name"] = f"nightly-{(today or datetime.date.today()).isoformat()}"
-    cfg = build_config(SweepConfig, grid)
+    models = tuple(
+        ModelSource(run=str((base / r).resolve() if not Path(r).is_absolute() else r), newest=spec.newest)
+        for r in spec.runs
+    )
+    grid = {f.name: getattr(spec.sweep, f.name) for f in dataclasses.fields(SweepConfig)}
+    cfg = SweepJobConfig(
+        **{**grid, "models": models, "name": f"nightly-{(today or datetime.date.today()).isoformat()}"}
+    )
     validate_sweep(cfg)
     return absolute_paths(cfg)
 
 
 def crontab_line(cluster: str, runs: Path, schedule: str) -> str:
-    cmd = (f"cd {shlex.quote(str(REPO))} && mkdir -p runs && .venv/bin/python -m slurm.nightly submit --cluster {shlex.quote(cluster)} "
-           f"--runs {shlex.quote(str(runs))} >> runs/nightly.log 2>&1")
+    cmd = (
+        f"cd {shlex.quote(str(REPO))} && mkdir -p runs && .venv/bin/python -m slurm.nightly submit "
+        f"--cluster {shlex.quote(cluster)} "
+        f"--runs {shlex.quote(str(runs))} >> runs/nightly.log 2>&1"
+    )
     return f"{schedule} {cmd}"
 
 
@@ -69,14 +84,16 @@ def install(cluster: str, runs: Path) -> int:
     profile = load_profile(cluster)
     spec = read_nightly(runs)
     sweep_config(runs)  # a mistake in the grid shows now, not at 02:00 in a log
-    line = crontab_line(cluster, runs.resolve(), spec.get("schedule", "0 2 * * *"))
+    line = crontab_line(cluster, runs.resolve(), spec.schedule)
     if shutil.which("scrontab") is None:
         print(f"scrontab is not installed here; add this line with `crontab -e` on a login node instead:\n{line}")
         return 0
     current = subprocess.run(["scrontab", "-l"], capture_output=True, text=True)
     if current.returncode != 0 and "no crontab" not in (current.stderr + current.stdout).lower():
-        print(f"scrontab is not available here ({current.stderr.strip() or 'exit ' + str(current.returncode)}); "
-              f"add this line with `crontab -e` on a login node instead:\n{line}")
+        print(
+            f"scrontab is not available here ({current.stderr.strip() or 'exit ' + str(current.returncode)}); "
+            f"add this line with `crontab -e` on a login node instead:\n{line}"
+        )
         return 0
     kept, inside = [], False
     for existing in current.stdout.splitlines() if current.returncode == 0 else []:
@@ -86,14 +103,22 @@ def install(cluster: str, runs: Path) -> int:
             kept.append(existing)
         if existing.strip() == END:
             inside = False
-    block = [BEGIN, f"#SCRON --partition={profile.cpu_job.partition or profile.partition}", f"#SCRON --time={profile.cpu_job.time_min}",
-             *([f"#SCRON --account={profile.account}"] if profile.account else []), line, END]
+    block = [
+        BEGIN,
+        f"#SCRON --partition={profile.cpu_job.partition or profile.partition}",
+        f"#SCRON --time={profile.cpu_job.time_min}",
+        *([f"#SCRON --account={profile.account}"] if profile.account else []),
+        line,
+        END,
+    ]
     with tempfile.NamedTemporaryFile("w", suffix=".scrontab", delete=False) as f:
         f.write("\n".join([*kept, *block]) + "\n")
     r = subprocess.run(["scrontab", f.name], capture_output=True, text=True)
     Path(f.name).unlink()
     if r.returncode != 0:
-        raise UserError(f"scrontab refused the entry ({r.stderr.strip()}); add this line with `crontab -e` instead: {line}")
+        raise UserError(
+            f"scrontab refused the entry ({r.stderr.strip()}); add this line with `crontab -e` instead: {line}"
+        )
     print(f"installed in scrontab (see `scrontab -l`):\n{line}")
     return 0
 

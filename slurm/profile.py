@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ddpm.config import build_config, read_tree
 from ddpm.errors import ConfigError
+from ddpm.typed_config import build_config, read_tree
 
 CLUSTERS_DIR = Path(__file__).resolve().parent / "clusters"
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
@@ -20,15 +20,16 @@ NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 
 @dataclass
 class Container:
-    image: str = ""                    # Apptainer image (.sif) on the shared filesystem; "" runs on the host
-    binds: tuple[str, ...] = ()        # bind mounts, "src[:dst]"; the run, cache and code directories are added
-    runtime: str = "apptainer"         # apptainer or singularity
+    image: str = ""  # Apptainer image (.sif) on the shared filesystem; "" runs on the host
+    binds: tuple[str, ...] = ()  # bind mounts, "src[:dst]"; the run, cache and code directories are added
+    runtime: str = "apptainer"  # apptainer or singularity
 
 
 @dataclass
 class CpuJob:
     """The small CPU-only jobs: uploads and sweep merges."""
-    partition: str = ""                # "" uses the profile's partition
+
+    partition: str = ""  # "" uses the profile's partition
     cpus: int = 2
     mem_gb: float = 8
     time_min: int = 60
@@ -40,25 +41,27 @@ class ClusterProfile:
     partition: str = ""
     account: str = ""
     qos: str = ""
-    nodes: int = 1                     # training nodes unless NODES= / --nodes says otherwise
-    gpus_per_node: int = 0             # 0: CPU nodes, one task per node; else one task per GPU
+    nodes: int = 1  # training nodes unless NODES= / --nodes says otherwise
+    gpus_per_node: int = 0  # 0: CPU nodes, one task per node; else one task per GPU
     cpus_per_task: int = 8
-    mem_gb: float = 0                  # memory per node; 0 leaves it to the cluster's default
-    time_min: int = 240                # time limit per launch; a longer run requeues itself from its checkpoint
+    mem_gb: float = 0  # memory per node; 0 leaves it to the cluster's default
+    time_min: int = 240  # time limit per launch; a longer run requeues itself from its checkpoint
     constraint: str = ""
     signal: Literal["USR1", "USR2", "TERM"] = "USR2"  # sent `signal_lead_s` before the time limit: checkpoint, requeue
     signal_lead_s: int = 120
-    max_requeues: int = 10             # time-limit and preemption requeues of one job before it gives up
-    dist_timeout_min: int = 60         # process-group time-out: covers rank 0 building the data cache alone
-    sweep_gpus_per_task: int = 1       # sweep array tasks: GPUs each (0 on CPU clusters)
+    max_requeues: int = 10  # time-limit and preemption requeues of one job before it gives up
+    dist_timeout_min: int = 60  # process-group time-out: covers rank 0 building the data cache alone
+    sweep_gpus_per_task: int = 1  # sweep array tasks: GPUs each (0 on CPU clusters)
     sweep_cpus_per_task: int = 8
-    sweep_parallel: int = 0            # array tasks running at once; 0: no limit of ours
-    sbatch_extra: tuple[str, ...] = ()  # extra sbatch options for training and sweeps, e.g. ["--exclusive", "--reservation=big"]
-    setup: tuple[str, ...] = ()        # shell lines run before the job (module load ..., export ...)
-    python: str = ""                   # the python on the nodes; "" is this checkout's .venv/bin/python
+    sweep_parallel: int = 0  # array tasks running at once; 0: no limit of ours
+    sbatch_extra: tuple[
+        str, ...
+    ] = ()  # extra sbatch options for training and sweeps, e.g. ["--exclusive", "--reservation=big"]
+    setup: tuple[str, ...] = ()  # shell lines run before the job (module load ..., export ...)
+    python: str = ""  # the python on the nodes; "" is this checkout's .venv/bin/python
     container: Container = field(default_factory=Container)
     cpu_job: CpuJob = field(default_factory=CpuJob)
-    node_local_ok: bool = False        # true only where /tmp is shared by all nodes (the one-machine dev cluster)
+    node_local_ok: bool = False  # true only where /tmp is shared by all nodes (the one-machine dev cluster)
 
 
 def load_profile(name_or_path: str) -> ClusterProfile:
@@ -77,12 +80,16 @@ def load_profile(name_or_path: str) -> ClusterProfile:
         if getattr(profile, key) < 1:
             raise ConfigError(f"{path}: {key} must be at least 1, got {getattr(profile, key)}")
     if profile.signal_lead_s >= profile.time_min * 60:
-        raise ConfigError(f"{path}: signal_lead_s ({profile.signal_lead_s}) must be shorter than the time limit ({profile.time_min} min)")
+        raise ConfigError(
+            f"{path}: signal_lead_s ({profile.signal_lead_s}) must be shorter than the time limit "
+            f"({profile.time_min} min)"
+        )
     return profile
 
 
 def _extra(profile: ClusterProfile) -> dict[str, Any]:
-    """sbatch_extra lines as submitit's additional_parameters: "--key=value" -> {key: value}, "--flag" -> {flag: True}."""
+    """sbatch_extra lines as submitit's additional_parameters: "--key=value" -> {key: value},
+    "--flag" -> {flag: True}."""
     out: dict[str, Any] = {}
     for item in profile.sbatch_extra:
         key, sep, value = item.strip().removeprefix("--").partition("=")
@@ -92,38 +99,63 @@ def _extra(profile: ClusterProfile) -> dict[str, Any]:
     return out
 
 
-def sbatch_parameters(profile: ClusterProfile, kind: Literal["train", "sweep", "cpu"], nodes: int | None = None) -> dict[str, Any]:
+def sbatch_parameters(
+    profile: ClusterProfile, kind: Literal["train", "sweep", "cpu"], nodes: int | None = None
+) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for a job of this kind (see slurm.launch)."""
-    common: dict[str, Any] = {"partition": profile.partition, "signal_delay_s": profile.signal_lead_s,
-                              "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={profile.signal}", *profile.setup]}
+    common: dict[str, Any] = {
+        "partition": profile.partition,
+        "signal_delay_s": profile.signal_lead_s,
+        "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={profile.signal}", *profile.setup],
+    }
     if profile.account:
         common["account"] = profile.account
     if profile.qos:
         common["qos"] = profile.qos
     if profile.constraint and kind != "cpu":
         common["constraint"] = profile.constraint
-    extra = _extra(profile) if kind != "cpu" else {}  # --exclusive and the like are for the GPU jobs, not the small CPU ones
+    extra = (
+        _extra(profile) if kind != "cpu" else {}
+    )  # --exclusive and the like are for the GPU jobs, not the small CPU ones
     if profile.signal != "USR2":  # submitit writes --signal=USR2@lead; the profile's signal replaces it
         extra["signal"] = f"{profile.signal}@{profile.signal_lead_s}"
     if kind == "train":
         n = nodes or profile.nodes
         gpus = profile.gpus_per_node
-        params = {**common, "nodes": n, "ntasks_per_node": max(1, gpus), "cpus_per_task": profile.cpus_per_task,
-                  "time": profile.time_min}
+        params = {
+            **common,
+            "nodes": n,
+            "ntasks_per_node": max(1, gpus),
+            "cpus_per_task": profile.cpus_per_task,
+            "time": profile.time_min,
+        }
         if gpus:
             params["gpus_per_node"] = gpus
         if profile.mem_gb:
             params["mem"] = f"{int(profile.mem_gb)}GB"
     elif kind == "sweep":
-        params = {**common, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": profile.sweep_cpus_per_task, "time": profile.time_min}
+        params = {
+            **common,
+            "nodes": 1,
+            "ntasks_per_node": 1,
+            "cpus_per_task": profile.sweep_cpus_per_task,
+            "time": profile.time_min,
+        }
         if profile.sweep_gpus_per_task:
             params["gpus_per_node"] = profile.sweep_gpus_per_task
         if profile.sweep_parallel:
             params["array_parallelism"] = profile.sweep_parallel
     else:
         cpu = profile.cpu_job
-        params = {**common, "partition": cpu.partition or profile.partition, "nodes": 1, "ntasks_per_node": 1,
-                  "cpus_per_task": cpu.cpus, "time": cpu.time_min, "mem": f"{int(cpu.mem_gb)}GB"}
+        params = {
+            **common,
+            "partition": cpu.partition or profile.partition,
+            "nodes": 1,
+            "ntasks_per_node": 1,
+            "cpus_per_task": cpu.cpus,
+            "time": cpu.time_min,
+            "mem": f"{int(cpu.mem_gb)}GB",
+        }
     if extra:
         params["additional_parameters"] = extra
     return params
@@ -136,7 +168,9 @@ def python_command(profile: ClusterProfile, repo_python: Path, binds: list[Path]
     c = profile.container
     mounts = [*c.binds, *(str(b) for b in binds)]
     nv = ["--nv"] if profile.gpus_per_node or profile.sweep_gpus_per_task else []
-    return shlex.join([c.runtime, "exec", *nv, *(x for m in mounts for x in ("--bind", m)), c.image, profile.python or "python"])
+    return shlex.join(
+        [c.runtime, "exec", *nv, *(x for m in mounts for x in ("--bind", m)), c.image, profile.python or "python"]
+    )
 
 
 def check_shared(profile: ClusterProfile, **paths: Path) -> None:
@@ -146,5 +180,7 @@ def check_shared(profile: ClusterProfile, **paths: Path) -> None:
     for what, path in paths.items():
         resolved = str(Path(path).resolve())
         if any(resolved == p or resolved.startswith(p + "/") for p in NODE_LOCAL):
-            raise ConfigError(f"{what} {resolved} is on a node-local disk ({resolved.split('/')[1]}); "
-                              f"put it on the shared filesystem (or set node_local_ok in the profile if /tmp is shared)")
+            raise ConfigError(
+                f"{what} {resolved} is on a node-local disk ({resolved.split('/')[1]}); "
+                f"put it on the shared filesystem (or set node_local_ok in the profile if /tmp is shared)"
+            )

@@ -1,1 +1,1 @@
-"""The test suite (a package, so `tests.*` imports resolve here and not to a dependency that ships a `tests` package)."""
+"""The test suite (a package, so `tests.*` imports resolve here, not to a dependency that ships `tests`)."""

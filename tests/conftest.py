@@ -14,6 +14,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker (and per child process it starts): `make test` runs a worker per core, and more
+    # threads than cores would only make them wait for each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,17 +37,69 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shared_cache) -> Path:
+    """One tiny digits run for the whole session (per test worker): 6 steps, checkpoints at steps 3 and 6, an
+    exported pipeline. Read-only: a test that changes it works on a copy (`copy_of_tiny_run`)."""
+    from ddpm.config import load_config
+    from ddpm.train import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(
+        None,
+        [
+            "name=tiny",
+            f"runs_dir={root / 'runs'}",
+            f"data.cache_dir={shared_cache}",
+            "data.resolution=8",
+            *TINY_MODEL,
+            "train.batch_size=16",
+            "train.max_steps=6",
+            "train.log_every=2",
+            "train.checkpoint_every=3",
+            "train.sample_every=0",
+            "train.sample_images=4",
+            "train.sample_steps=2",
+            "train.mixed_precision=fp32",
+            "optim.warmup_steps=2",
+            "tracking.wandb=false",
+        ],
+    )
+    train(cfg)
+    return cfg.run_dir
+
+
+def copy_of_tiny_run(tiny_run: Path, dest: Path) -> Path:
+    """A private copy of the shared run, under dest/runs/tiny."""
+    import shutil
+
+    copy = dest / "runs" / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    return copy
+
+
 @pytest.fixture
 def tiny(tmp_path, shared_cache):
     """Overrides for a tiny run in tmp_path; extra key=value strings are appended."""
 
     def make(*extra: str, name: str = "tiny") -> list[str]:
         return [
-            f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"data.cache_dir={shared_cache}", "data.resolution=8",
+            f"name={name}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={shared_cache}",
+            "data.resolution=8",
             *TINY_MODEL,
-            "train.batch_size=16", "train.max_steps=6", "train.log_every=2", "train.checkpoint_every=3",
-            "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2", "train.mixed_precision=fp32",
-            "optim.warmup_steps=2", "tracking.wandb=false", *extra,
+            "train.batch_size=16",
+            "train.max_steps=6",
+            "train.log_every=2",
+            "train.checkpoint_every=3",
+            "train.sample_every=0",
+            "train.sample_images=4",
+            "train.sample_steps=2",
+            "train.mixed_precision=fp32",
+            "optim.warmup_steps=2",
+            "tracking.wandb=false",
+            *extra,
         ]
 
     return make
@@ -59,8 +115,14 @@ def report(**counts) -> None:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real console entry point in a child process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(autouse=True)

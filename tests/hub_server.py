@@ -27,7 +27,6 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-
 PUBLIC = {"/api/agent-harnesses"}
 
 
@@ -46,7 +45,7 @@ class Commit:
 @dataclass
 class Repo:
     private: bool
-    branches: dict[str, str] = field(default_factory=dict)   # name -> commit sha
+    branches: dict[str, str] = field(default_factory=dict)  # name -> commit sha
     commits: dict[str, Commit] = field(default_factory=dict)
 
     def head(self, revision: str) -> Commit | None:
@@ -65,7 +64,7 @@ class Repo:
 class Request:
     method: str
     path: str
-    headers: dict[str, str]            # names lower-cased
+    headers: dict[str, str]  # names lower-cased
     body: bytes
 
 
@@ -81,7 +80,7 @@ class HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
 
@@ -153,7 +152,9 @@ class HubServer:
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}, None
             repo = self.repos[repo_id] = Repo(private=req.get("visibility") == "private" or bool(req.get("private")))
-            repo.add_commit("main", "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            repo.add_commit(
+                "main", "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+            )
             return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, None
         if method == "POST" and path == "/api/validate-yaml":
             content = json.loads(body)["content"]
@@ -174,8 +175,17 @@ class HubServer:
             head = repo.head(revision)
             if head is None:
                 return 404, {"error": f"Invalid rev id: {revision}"}, {"X-Error-Code": "RevisionNotFound"}
-            return 200, {"id": repo_id, "modelId": repo_id, "sha": head.sha, "private": repo.private,
-                         "siblings": [{"rfilename": p} for p in sorted(head.files)]}, None
+            return (
+                200,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": head.sha,
+                    "private": repo.private,
+                    "siblings": [{"rfilename": p} for p in sorted(head.files)],
+                },
+                None,
+            )
         if method == "POST" and action == "branch":
             if revision in repo.branches:
                 return 409, {"error": "Reference already exists"}, None
@@ -185,9 +195,15 @@ class HubServer:
             head = repo.head(revision)
             if head is None:
                 return 404, {"error": f"Invalid rev id: {revision}"}, {"X-Error-Code": "RevisionNotFound"}
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                      "oid": git_blob_sha1(head.files[f["path"]]) if f["path"] in head.files else None}
-                     for f in json.loads(body)["files"]]
+            files = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_sha1(head.files[f["path"]]) if f["path"] in head.files else None,
+                }
+                for f in json.loads(body)["files"]
+            ]
             return 200, {"files": files, "commitOid": head.sha}, None
         if method == "POST" and action == "commit":
             if repo.head(revision) is None:
@@ -206,6 +222,13 @@ class HubServer:
                 elif line["key"] != "header":
                     return 400, {"error": f"unsupported commit line {line['key']}"}, None
             commit = repo.add_commit(revision, header["summary"], files)
-            return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{commit.sha}", "commitOid": commit.sha,
-                         "pullRequestUrl": None}, None
+            return (
+                200,
+                {
+                    "commitUrl": f"{self.url}/{repo_id}/commit/{commit.sha}",
+                    "commitOid": commit.sha,
+                    "pullRequestUrl": None,
+                },
+                None,
+            )
         return 405, {"error": f"{method} {path} is not served here"}, None

@@ -12,21 +12,33 @@ import sys
 import pytest
 import torch
 
-from ddpm.checkpoint import RunLock, latest_checkpoint, save_checkpoint, verify
+from ddpm.checkpoint import latest_checkpoint, save_checkpoint, verify
 from ddpm.errors import UserError
+from ddpm.lock import RunLock
 
 
 def write(ckpt_dir, step, keep=5):
-    return save_checkpoint(ckpt_dir, step, tensors={"unet": {"w": torch.full((64,), float(step))}},
-                           torch_states={"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}},
-                           rank_states={"rng": {"generator": torch.Generator().manual_seed(step).get_state()}},
-                           state={"step": step}, keep=keep)
+    return save_checkpoint(
+        ckpt_dir,
+        step,
+        tensors={"unet": {"w": torch.full((64,), float(step))}},
+        torch_states={"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}},
+        rank_states={"rng": {"generator": torch.Generator().manual_seed(step).get_state()}},
+        state={"step": step},
+        keep=keep,
+    )
 
 
 def test_save_writes_every_file_with_a_manifest_and_no_temporary_left(tmp_path):
     path = write(tmp_path, 7)
     assert path.name == "step-00000007"
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "optimizer.pt", "rng-rank0.pt", "state.json", "unet.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "optimizer.pt",
+        "rng-rank0.pt",
+        "state.json",
+        "unet.safetensors",
+    ]
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["files"]) == {"optimizer.pt", "rng-rank0.pt", "state.json", "unet.safetensors"}
     assert verify(path) is None
@@ -42,13 +54,20 @@ def test_keeps_only_the_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000004"]
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda p: (p / "unet.safetensors").write_bytes((p / "unet.safetensors").read_bytes()[:100]), "unet.safetensors has 100 bytes"),
-    (lambda p: (p / "unet.safetensors").write_bytes(b"\0" * (p / "unet.safetensors").stat().st_size), "SHA-256"),
-    (lambda p: (p / "optimizer.pt").unlink(), "missing file optimizer.pt"),
-    (lambda p: (p / "manifest.json").write_text("{garbage"), "unreadable manifest"),
-    (lambda p: (p / "manifest.json").unlink(), "no manifest"),
-], ids=["truncated", "bit-rot", "missing-file", "garbage-manifest", "no-manifest"])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (
+            lambda p: (p / "unet.safetensors").write_bytes((p / "unet.safetensors").read_bytes()[:100]),
+            "unet.safetensors has 100 bytes",
+        ),
+        (lambda p: (p / "unet.safetensors").write_bytes(b"\0" * (p / "unet.safetensors").stat().st_size), "SHA-256"),
+        (lambda p: (p / "optimizer.pt").unlink(), "missing file optimizer.pt"),
+        (lambda p: (p / "manifest.json").write_text("{garbage"), "unreadable manifest"),
+        (lambda p: (p / "manifest.json").unlink(), "no manifest"),
+    ],
+    ids=["truncated", "bit-rot", "missing-file", "garbage-manifest", "no-manifest"],
+)
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, caplog, damage, reason):
     write(tmp_path, 1)
     bad = write(tmp_path, 2)
@@ -75,7 +94,9 @@ def test_no_checkpoint_at_all(tmp_path):
 def test_lock_refuses_a_live_holder_and_names_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "t0"}))
+        (tmp_path / "lock.json").write_text(
+            json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "t0"})
+        )
         with pytest.raises(UserError, match=f"in use by pid {holder.pid} on {socket.gethostname()} since t0"):
             RunLock(tmp_path).acquire()
     finally:
@@ -98,7 +119,9 @@ def test_lock_from_another_host_is_stale_only_when_not_refreshed(tmp_path):
 
 
 def test_lock_of_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
-    (tmp_path / "lock.json").write_text(json.dumps({"host": "node-a", "pid": 1, "slurm_job_id": "4242", "started": "t0"}))
+    (tmp_path / "lock.json").write_text(
+        json.dumps({"host": "node-a", "pid": 1, "slurm_job_id": "4242", "started": "t0"})
+    )
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     RunLock(tmp_path).acquire()
 

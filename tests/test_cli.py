@@ -32,10 +32,14 @@ def test_missing_config_file(tmp_path):
     assert_one_line_error(run_cli("train", "--config", str(tmp_path / "nope.yaml")), "nope.yaml")
 
 
-@pytest.mark.parametrize("make_folder, fragment", [
-    (lambda p: p / "missing", "does not exist"),
-    (lambda p: p.joinpath("empty").mkdir() or p / "empty", "has no image files"),
-], ids=["missing-folder", "empty-folder"])
+@pytest.mark.parametrize(
+    "make_folder, fragment",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p.joinpath("empty").mkdir() or p / "empty", "has no image files"),
+    ],
+    ids=["missing-folder", "empty-folder"],
+)
 def test_bad_dataset_folder(tiny, tmp_path, make_folder, fragment):
     folder = make_folder(tmp_path)
     proc = run_cli("train", *tiny("data.source=folder", f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}"))
@@ -49,8 +53,14 @@ def test_corrupt_image_is_named_or_skipped(tiny, tmp_path):
     for i in range(20):
         Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(folder / f"{i:02d}.png")
     (folder / "broken.png").write_bytes(b"not an image at all")
-    common = tiny("data.source=folder", f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
-                  "train.max_steps=2", "train.checkpoint_every=2")
+    common = tiny(
+        "data.source=folder",
+        f"data.path={folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+    )
     assert_one_line_error(run_cli("train", *common), str(folder / "broken.png"), "on_bad_image=skip")
     proc = run_cli("train", *common, "data.on_bad_image=skip")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -58,6 +68,9 @@ def test_corrupt_image_is_named_or_skipped(tiny, tmp_path):
 
 
 def test_missing_hub_dataset_offline(tiny, tmp_path):
-    proc = run_cli("train", *tiny("data.source=hf", "data.path=nobody/no-such-dataset", f"data.cache_dir={tmp_path / 'cache'}"),
-                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    proc = run_cli(
+        "train",
+        *tiny("data.source=hf", "data.path=nobody/no-such-dataset", f"data.cache_dir={tmp_path / 'cache'}"),
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert_one_line_error(proc, "nobody/no-such-dataset")

@@ -36,20 +36,23 @@ def test_dump_round_trips():
     assert again != cfg
 
 
-@pytest.mark.parametrize("override, culprit", [
-    ("train.batchsize=4", "unknown key 'train.batchsize'"),
-    ("trian.batch_size=4", "'trian'"),
-    ("train.batch_size=four", "train.batch_size"),
-    ("train.batch_size=1.5", "train.batch_size"),
-    ("train.compile=yes please", "train.compile"),
-    ("optim.lr=fast", "optim.lr"),
-    ("schedule.beta_schedule=cosine", "schedule.beta_schedule"),
-    ("train.mixed_precision=fp8", "train.mixed_precision"),
-    ("optim.betas=[0.9]", "optim.betas"),
-    ("model.block_out_channels=32", "model.block_out_channels"),
-    ("train", "key=value"),
-    ("train=3", "train is a section"),
-])
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("train.batchsize=4", "unknown key 'train.batchsize'"),
+        ("trian.batch_size=4", "'trian'"),
+        ("train.batch_size=four", "train.batch_size"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("train.compile=yes please", "train.compile"),
+        ("optim.lr=fast", "optim.lr"),
+        ("schedule.beta_schedule=cosine", "schedule.beta_schedule"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("model.block_out_channels=32", "model.block_out_channels"),
+        ("train", "key=value"),
+        ("train=3", "train is a section"),
+    ],
+)
 def test_unknown_keys_and_wrong_types_name_the_key(override, culprit):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -66,24 +69,27 @@ def test_choices_are_listed():
         load_config(None, ["schedule.beta_schedule=cosine"])
 
 
-@pytest.mark.parametrize("override, culprit", [
-    ("optim.lr=-1e-4", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.grad_accum=0", "train.grad_accum"),
-    ("data.resolution=18", "divisible by 4"),
-    ("model.block_out_channels=[32,48,64]", "norm_num_groups"),
-    ("model.down_block_types=[DownBlock2D,AttnDownBlock2D]", "model.down_block_types"),
-    ("model.up_block_types=[UpBlock2D,Nope2D,UpBlock2D]", "'Nope2D'"),
-    ("data.source=folder", "data.path"),
-    ("train.sample_scheduler=magic", "train.sample_scheduler"),
-    ("optim.ema_decay=1.5", "optim.ema_decay"),
-    ("optim.eps=0", "optim.eps"),
-    ("model.attention_head_dim=128", "model.attention_head_dim"),
-    ("schedule.beta_start=0.5", "schedule.beta_start"),
-    ("train.log_every=0", "train.log_every"),
-    ("name=a/b", "name"),
-])
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("optim.lr=-1e-4", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.grad_accum=0", "train.grad_accum"),
+        ("data.resolution=18", "divisible by 4"),
+        ("model.block_out_channels=[32,48,64]", "norm_num_groups"),
+        ("model.down_block_types=[DownBlock2D,AttnDownBlock2D]", "model.down_block_types"),
+        ("model.up_block_types=[UpBlock2D,Nope2D,UpBlock2D]", "'Nope2D'"),
+        ("data.source=folder", "data.path"),
+        ("train.sample_scheduler=magic", "train.sample_scheduler"),
+        ("optim.ema_decay=1.5", "optim.ema_decay"),
+        ("optim.eps=0", "optim.eps"),
+        ("model.attention_head_dim=128", "model.attention_head_dim"),
+        ("schedule.beta_start=0.5", "schedule.beta_start"),
+        ("train.log_every=0", "train.log_every"),
+        ("name=a/b", "name"),
+    ],
+)
 def test_out_of_range_values_fail_before_work(override, culprit):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])

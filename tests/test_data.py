@@ -7,7 +7,6 @@ so the tests need no network and leave nothing behind.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import numpy as np
@@ -15,8 +14,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from ddpm.batches import BatchLoader, BatchOrder, to_model_input
 from ddpm.config import DataConfig
-from ddpm.data import BadImageError, BatchLoader, BatchOrder, ImageCache, decode_image, open_cache, to_model_input
+from ddpm.data import BadImageError, ImageCache, decode_image, open_cache
 from ddpm.errors import UserError
 
 BIG = 10**9  # max_pixels for direct decode_image calls that must not trip the bomb guard
@@ -62,7 +62,9 @@ def random_image(rng, size=(12, 12)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
-def only_image(tmp_path, im: Image.Image, name: str, resolution: int = 8, save_kw: dict | None = None, **kw) -> np.ndarray:
+def only_image(
+    tmp_path, im: Image.Image, name: str, resolution: int = 8, save_kw: dict | None = None, **kw
+) -> np.ndarray:
     """Cache a folder holding this one image and return the cached (res, res, 3) array."""
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -199,7 +201,7 @@ def test_take_across_shards_matches_direct_decode_for_unsorted_indices(tmp_path)
 
 def test_rgba_png_transparent_areas_become_white(tmp_path):
     a = np.zeros((16, 16, 4), dtype=np.uint8)  # left half transparent black
-    a[:, 8:] = (255, 0, 0, 255)                 # right half opaque red
+    a[:, 8:] = (255, 0, 0, 255)  # right half opaque red
     out = only_image(tmp_path, Image.fromarray(a, "RGBA"), "rgba.png")
     assert near(out[:, :3], (255, 255, 255))
     assert near(out[:, 5:], (255, 0, 0))
@@ -214,7 +216,7 @@ def test_palette_png_uses_palette_colours_and_transparent_index_is_white(tmp_pat
     im = Image.new("P", (16, 16), 0)
     im.putpalette([10, 200, 30, 200, 10, 30, 0, 0, 0] + [0] * (256 * 3 - 9))
     px = np.array(im)
-    px[:, 8:] = 1   # right half: palette colour 1
+    px[:, 8:] = 1  # right half: palette colour 1
     px[12:, :] = 2  # bottom band: the transparent index
     im = Image.fromarray(px, "P")
     im.putpalette([10, 200, 30, 200, 10, 30, 0, 0, 0] + [0] * (256 * 3 - 9))
@@ -413,9 +415,14 @@ def test_image_within_max_image_pixels_is_accepted(tmp_path):
 
 
 def test_image_smaller_than_resolution_is_upsampled_with_a_warning_counting_it(tmp_path, caplog):
-    folder = make_folder(tmp_path / "data", {
-        "a.png": solid((200, 0, 0), (4, 4)), "b.png": solid((0, 200, 0), (16, 16)), "c.png": solid((0, 0, 200), (5, 12)),
-    })
+    folder = make_folder(
+        tmp_path / "data",
+        {
+            "a.png": solid((200, 0, 0), (4, 4)),
+            "b.png": solid((0, 200, 0), (16, 16)),
+            "c.png": solid((0, 0, 200), (5, 12)),
+        },
+    )
     with caplog.at_level(logging.WARNING, logger="ddpm.data"):
         cache = open_quiet(folder_cfg(tmp_path, folder, resolution=8))
     assert len(cache) == 3 and cache.meta["upsampled"] == 2
@@ -445,7 +452,8 @@ def _hf_dataset(colors, size=(10, 14)):
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     return datasets.Dataset.from_dict(
-        {"image": [solid(c, size) for c in colors], "label": list(range(len(colors)))}, features=features)
+        {"image": [solid(c, size) for c in colors], "label": list(range(len(colors)))}, features=features
+    )
 
 
 def hf_cfg(tmp_path, path, **kw) -> DataConfig:
@@ -469,7 +477,9 @@ def test_hf_dataset_dict_saved_to_disk_uses_the_requested_split(tmp_path):
     import datasets
 
     path = tmp_path / "dd"
-    datasets.DatasetDict({"train": _hf_dataset(HF_COLORS[:4]), "test": _hf_dataset(HF_COLORS[4:])}).save_to_disk(str(path))
+    datasets.DatasetDict({"train": _hf_dataset(HF_COLORS[:4]), "test": _hf_dataset(HF_COLORS[4:])}).save_to_disk(
+        str(path)
+    )
     train = open_quiet(hf_cfg(tmp_path, path, split="train"))
     assert len(train) == 4
     for image, color in zip(train.take(np.arange(4)), HF_COLORS[:4]):
@@ -555,7 +565,7 @@ def test_batch_order_positions_resume_exactly_at_the_given_position():
     resumed = order.positions(2, 3)
     got = [next(resumed) for _ in range(5)]
     assert got == [(2, 3), (2, 4), (2, 5), (3, 0), (3, 1)]
-    assert got == everything[everything.index((2, 3)):][:5]  # no earlier batch is replayed
+    assert got == everything[everything.index((2, 3)) :][:5]  # no earlier batch is replayed
 
 
 @pytest.mark.parametrize("num_images, world_size", [(7, 1), (15, 2)])
@@ -605,7 +615,9 @@ def test_to_model_input_random_flip_is_per_image_and_seeded():
 
 
 def test_batch_loader_yields_cached_batches_in_order_from_the_given_position(tmp_path):
-    folder = make_folder(tmp_path / "data", {f"{i:02d}.png": solid(c, (6, 6)) for i, c in enumerate(distinct_colors(20))})
+    folder = make_folder(
+        tmp_path / "data", {f"{i:02d}.png": solid(c, (6, 6)) for i, c in enumerate(distinct_colors(20))}
+    )
     cache = open_quiet(folder_cfg(tmp_path, folder, resolution=4, shard_size=7))
     assert cache.meta["num_shards"] == 3
     order = BatchOrder(len(cache), 4, seed=1)  # 5 batches per epoch

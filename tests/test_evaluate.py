@@ -15,8 +15,8 @@ from diffusers import DDPMPipeline
 
 from ddpm.config import load_config
 from ddpm.errors import UserError
-from ddpm.evaluate import digits_feature_net, distances, frechet_distance, kernel_distance
 from ddpm.inception import WEIGHTS_FILE, InceptionFeatures, inception_weights
+from ddpm.metrics import digits_feature_net, distances, frechet_distance, kernel_distance
 from ddpm.model import build_unet
 from ddpm.schedule import build_scheduler
 from tests.conftest import TINY_MODEL, run_cli
@@ -63,8 +63,22 @@ def random_pipeline(tmp_path_factory) -> Path:
 
 def test_evaluate_gives_the_same_figures_twice_and_caches_the_reference(random_pipeline, tmp_path):
     env = {"DDPM_CACHE": str(tmp_path / "cache")}
-    args = ["evaluate", "--pipeline", str(random_pipeline), "--reference", "digits", "--metric", "digitsnet",
-            "--num-images", "16", "--steps", "3", "--reference-images", "300", "--no-wandb"]
+    args = [
+        "evaluate",
+        "--pipeline",
+        str(random_pipeline),
+        "--reference",
+        "digits",
+        "--metric",
+        "digitsnet",
+        "--num-images",
+        "16",
+        "--steps",
+        "3",
+        "--reference-images",
+        "300",
+        "--no-wandb",
+    ]
     first = run_cli(*args, "--out", str(tmp_path / "a.json"), env=env)
     assert first.returncode == 0, first.stderr
     assert "fd_digitsnet:" in first.stdout and "vs 300 reference images (digits at 8px)" in first.stdout
@@ -74,7 +88,9 @@ def test_evaluate_gives_the_same_figures_twice_and_caches_the_reference(random_p
     second = run_cli(*args, "--out", str(tmp_path / "b.json"), env=env)
     assert second.returncode == 0, second.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert a["fd_digitsnet"] > 0 and {k: a[k] for k in ("fd_digitsnet", "kd_digitsnet")} == {k: b[k] for k in ("fd_digitsnet", "kd_digitsnet")}
+    assert a["fd_digitsnet"] > 0 and {k: a[k] for k in ("fd_digitsnet", "kd_digitsnet")} == {
+        k: b[k] for k in ("fd_digitsnet", "kd_digitsnet")
+    }
     assert cached[0].stat().st_mtime_ns == mtime, "the second evaluation reads the cached reference features"
 
 
@@ -85,8 +101,21 @@ def _closed_port() -> int:
 
 
 def test_fid_without_weights_names_the_file_it_needs(random_pipeline, tmp_path):
-    env = {"DDPM_CACHE": str(tmp_path / "cache"), "DDPM_INCEPTION_URL": f"http://127.0.0.1:{_closed_port()}/{WEIGHTS_FILE}"}
-    r = run_cli("evaluate", "--pipeline", str(random_pipeline), "--reference", "digits", "--num-images", "4", "--no-wandb", env=env)
+    env = {
+        "DDPM_CACHE": str(tmp_path / "cache"),
+        "DDPM_INCEPTION_URL": f"http://127.0.0.1:{_closed_port()}/{WEIGHTS_FILE}",
+    }
+    r = run_cli(
+        "evaluate",
+        "--pipeline",
+        str(random_pipeline),
+        "--reference",
+        "digits",
+        "--num-images",
+        "4",
+        "--no-wandb",
+        env=env,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("ddpm evaluate: error: FID/KID need the Inception weights") and WEIGHTS_FILE in error
@@ -95,8 +124,19 @@ def test_fid_without_weights_names_the_file_it_needs(random_pipeline, tmp_path):
 
     wrong = tmp_path / WEIGHTS_FILE
     wrong.write_bytes(b"not the weights")
-    r = run_cli("evaluate", "--pipeline", str(random_pipeline), "--reference", "digits", "--num-images", "4", "--no-wandb",
-                "--inception-weights", str(wrong), env=env)
+    r = run_cli(
+        "evaluate",
+        "--pipeline",
+        str(random_pipeline),
+        "--reference",
+        "digits",
+        "--num-images",
+        "4",
+        "--no-wandb",
+        "--inception-weights",
+        str(wrong),
+        env=env,
+    )
     assert r.returncode == 2 and f"Inception weights {wrong}: SHA-256 mismatch" in r.stderr.strip().splitlines()[-1]
 
 

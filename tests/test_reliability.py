@@ -1,7 +1,8 @@
 """Fault injection: real processes, real signals, a real full disk. What each fault must never cost: a checkpoint,
 a resumed step, a byte of a finished file, or a secret. docs/reliability.md lists every fault and its test.
 
-The long variants (20 kills in a row) carry the `slow` marker: `make test-reliability` runs them."""
+The long variants (the kill loops, disk full, two launches, ...) carry the `slow` marker: `make test-slow` and
+`make test-reliability` run them."""
 
 from __future__ import annotations
 
@@ -43,22 +44,36 @@ def assert_same_weights(a_dir: Path, b_dir: Path, step: int) -> None:
 
 
 def start_training(overrides: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "train", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. SIGKILL at random moments, checkpoint writes included
 
 
-@pytest.mark.parametrize("kills", [pytest.param(3, id="3-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kills",
+    [pytest.param(3, id="3-kills", marks=pytest.mark.slow), pytest.param(20, id="20-kills", marks=pytest.mark.slow)],
+)
 def test_sigkill_at_random_moments_resumes_from_the_newest_complete_checkpoint(tiny, kills):
     """Every step writes a checkpoint; each launch is killed at a random moment after its next checkpoint started,
     often in the middle of one. No partial checkpoint is ever taken for a complete one, every relaunch resumes
     from the newest complete checkpoint, and the end is bit-identical to a run never interrupted."""
     rng = random.Random(kills)
     max_steps = kills + 4
-    common = [f"train.max_steps={max_steps}", "train.checkpoint_every=1", "train.log_every=1", "train.keep_checkpoints=2"]
+    common = [
+        f"train.max_steps={max_steps}",
+        "train.checkpoint_every=1",
+        "train.log_every=1",
+        "train.keep_checkpoints=2",
+    ]
     straight = load_config(None, tiny(*common, name="straight"))
     train(straight)
     overrides = tiny(*common, name="killed")
@@ -102,21 +117,41 @@ def _made_since(path: Path, t: float) -> bool:
 # 2. SIGTERM and the pre-limit signal, on every rank of a two-process run
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+@pytest.mark.parametrize(
+    "sig",
+    [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGUSR2, id="SIGUSR2", marks=pytest.mark.slow)],
+)
 def test_stop_signal_to_a_two_process_run_checkpoints_on_every_rank(tiny, tmp_path, sig):
     """The signal reaches one rank only (as submitit's reaches only the process it started); both ranks stop at
     the same step after one collective checkpoint holding both ranks' RNG state (torchrun, 2 CPU processes, gloo)."""
     overrides = tiny("train.max_steps=400", "train.log_every=1", "train.checkpoint_every=1000", name="stopped")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "jobs.cli", "train", *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "jobs.cli",
+            "train",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     cfg = load_config(None, overrides)
     metrics = cfg.run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
         time.sleep(0.2)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    ranks = [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ]
     assert len(ranks) == 2, "torchrun should run two training processes"
     os.kill(max(ranks), sig)  # one rank only: the other must learn of it
     out, _ = proc.communicate(timeout=240)
@@ -125,14 +160,27 @@ def test_stop_signal_to_a_two_process_run_checkpoints_on_every_rank(tiny, tmp_pa
     step = int(saved[0].name[5:])
     assert 3 <= step < 400 and {p.name for p in saved[0].glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
     assert f"stopped at step {step} of 400" in out
-    report(fault=f"{signal.Signals(sig).name} to one of two ranks", injected=1, checkpoints_written=1, resumed=0, steps_lost=0)
+    report(
+        fault=f"{signal.Signals(sig).name} to one of two ranks",
+        injected=1,
+        checkpoints_written=1,
+        resumed=0,
+        steps_lost=0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. A checkpoint damaged by hand
 
 
-@pytest.mark.parametrize("damage", ["truncated-safetensors", "missing-file", "garbage-json"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated-safetensors",
+        pytest.param("missing-file", marks=pytest.mark.slow),
+        pytest.param("garbage-json", marks=pytest.mark.slow),
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny, damage, caplog):
     straight = load_config(None, tiny(name="straight"))
     train(straight)
@@ -159,6 +207,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny, damage
 # 4. Disk full while a checkpoint is written
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_stops_clearly_and_keeps_the_previous_one(tiny, tmp_path):
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a small tmpfs")
@@ -177,7 +226,9 @@ def test_disk_full_during_a_checkpoint_stops_clearly_and_keeps_the_previous_one(
         r = run_cli("train", *overrides)
         assert r.returncode == 2, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"ddpm train: error: cannot write checkpoint {disk}/full/checkpoints/step-00000006 (disk full: ")
+        assert last.startswith(
+            f"ddpm train: error: cannot write checkpoint {disk}/full/checkpoints/step-00000006 (disk full: "
+        )
         assert last.endswith("the previous checkpoint step-00000003 is intact"), last
         ckpts = disk / "full" / "checkpoints"
         assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000003"] and verify(ckpts / "step-00000003") is None
@@ -196,6 +247,7 @@ def test_disk_full_during_a_checkpoint_stops_clearly_and_keeps_the_previous_one(
 # 5. Two launches on one run directory at once
 
 
+@pytest.mark.slow
 def test_two_launches_at_once_one_trains_and_the_other_names_it(tiny):
     overrides = tiny("train.max_steps=300", "train.checkpoint_every=100", name="twice")
     first, second = start_training(overrides), start_training(overrides)
@@ -225,9 +277,8 @@ def _image_folder(root: Path) -> tuple[list[str], int]:
         pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
         if i % 20 == 7 and i % 200 != 7:
             path = root / f"{name}.png"
-            {0: lambda: path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200)),     # corrupt
-             1: lambda: path.write_bytes(_png_bytes(pixels)[:60]),                 # truncated
-             2: lambda: path.write_bytes(b"")}[(i // 20) % 3]()                    # empty
+            corrupt, truncated, empty = b"\x89PNG\r\n\x1a\n" + rng.bytes(200), _png_bytes(pixels)[:60], b""
+            path.write_bytes((corrupt, truncated, empty)[(i // 20) % 3])
             bad.append(path.name)
         elif i % 200 == 7:
             path = root / f"{name}.png"
@@ -236,7 +287,7 @@ def _image_folder(root: Path) -> tuple[list[str], int]:
         elif kind == 3:
             Image.fromarray(pixels).convert("CMYK").save(root / f"{name}.jpg")
         elif kind == 5:
-            Image.fromarray((pixels[..., 0].astype(np.uint16) * 257)).save(root / f"{name}.png")
+            Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(root / f"{name}.png")
         elif kind == 9:
             frames = [Image.fromarray(pixels), Image.fromarray(255 - pixels)]
             frames[0].save(root / f"{name}.gif", save_all=True, append_images=frames[1:])
@@ -256,7 +307,7 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 def test_a_thousand_files_with_five_percent_bad_strict_names_the_first_skip_reports_all(tiny, tmp_path):
     bad, usable = _image_folder(tmp_path / "photos")
     assert len(bad) == 50
-    data = [f"data.source=folder", f"data.path={tmp_path / 'photos'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    data = ["data.source=folder", f"data.path={tmp_path / 'photos'}", f"data.cache_dir={tmp_path / 'cache'}"]
     r = run_cli("train", *tiny(*data, "train.max_steps=2", name="strict"))
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
@@ -268,7 +319,9 @@ def test_a_thousand_files_with_five_percent_bad_strict_names_the_first_skip_repo
     assert r.returncode == 0, r.stderr[-2000:]
     skipped = json.loads((tmp_path / "runs" / "skip" / "skipped_images.json").read_text())
     assert skipped["count"] == 50 and sorted(Path(s.split(":")[0]).name for s in skipped["images"]) == bad
-    assert sum("exceeds" in s or "pixels" in s for s in skipped["images"]) == 5  # the bombs: refused by size, not decoded
+    assert (
+        sum("exceeds" in s or "pixels" in s for s in skipped["images"]) == 5
+    )  # the bombs: refused by size, not decoded
     assert time.time() - start < 120  # five 400-megapixel images decoded would take minutes and gigabytes
     meta = json.loads(next((tmp_path / "cache").rglob("meta.json")).read_text())
     assert meta["count"] == usable
@@ -342,14 +395,22 @@ def test_a_checkpoint_file_that_smuggles_code_is_refused_not_run(tiny, tmp_path)
 
     with open(ckpt / "optimizer.pt", "wb") as f:
         pickle.dump({"state": Payload()}, f)
-    manifest = json.loads((ckpt / "manifest.json").read_text())  # an attacker who can write files can fix the manifest too
+    manifest = json.loads(
+        (ckpt / "manifest.json").read_text()
+    )  # an attacker who can write files can fix the manifest too
     from ddpm.checkpoint import sha256_file
 
-    manifest["files"]["optimizer.pt"] = {"bytes": (ckpt / "optimizer.pt").stat().st_size, "sha256": sha256_file(ckpt / "optimizer.pt")}
+    manifest["files"]["optimizer.pt"] = {
+        "bytes": (ckpt / "optimizer.pt").stat().st_size,
+        "sha256": sha256_file(ckpt / "optimizer.pt"),
+    }
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("train", *tiny("train.max_steps=6", "train.checkpoint_every=3", name="pickled"))
     assert r.returncode == 2 and not marker.exists()
-    assert "optimizer.pt holds more than tensors and plain data; refusing to unpickle it" in r.stderr.strip().splitlines()[-1]
+    assert (
+        "optimizer.pt holds more than tensors and plain data; refusing to unpickle it"
+        in r.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_source_never_unpickles_untrusted_data():
@@ -358,15 +419,24 @@ def test_source_never_unpickles_untrusted_data():
     for path in [*ROOT.glob("ddpm/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("slurm/*.py")]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
-            if ("torch.load(" in code and "weights_only=True" not in code) or "pickle.load" in code \
-                    or re.search(r"yaml\.(load|unsafe_load|full_load)\(", code):
+            if (
+                ("torch.load(" in code and "weights_only=True" not in code)
+                or "pickle.load" in code
+                or re.search(r"yaml\.(load|unsafe_load|full_load)\(", code)
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
 
 
 def test_nothing_a_run_writes_is_writable_by_other_users_whatever_the_umask(tiny, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "train", *tiny(name="perms")], cwd=ROOT, capture_output=True,
-                       text=True, preexec_fn=lambda: os.umask(0o000), timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "train", *tiny(name="perms")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o000),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "perms"
     paths = [run_dir, *run_dir.rglob("*")]

@@ -45,8 +45,28 @@ def test_an_image_depends_on_its_seed_not_its_batch(tiny_pipeline, name):
 
 
 def test_sample_job_is_deterministic_and_writes_pngs_grid_and_settings(tiny_pipeline, tmp_path):
-    a = run(SampleConfig(pipeline=str(tiny_pipeline), scheduler="ddim", steps=3, num_images=5, seed=10, batch_size=2, out=str(tmp_path / "a")))
-    b = run(SampleConfig(pipeline=str(tiny_pipeline), scheduler="ddim", steps=3, num_images=5, seed=10, batch_size=5, out=str(tmp_path / "b")))
+    a = run(
+        SampleConfig(
+            pipeline=str(tiny_pipeline),
+            scheduler="ddim",
+            steps=3,
+            num_images=5,
+            seed=10,
+            batch_size=2,
+            out=str(tmp_path / "a"),
+        )
+    )
+    b = run(
+        SampleConfig(
+            pipeline=str(tiny_pipeline),
+            scheduler="ddim",
+            steps=3,
+            num_images=5,
+            seed=10,
+            batch_size=5,
+            out=str(tmp_path / "b"),
+        )
+    )
     names = sorted(p.name for p in (a / "images").iterdir())
     assert names == [f"seed-{s:06d}.png" for s in range(10, 15)]
     for name in names:
@@ -57,19 +77,37 @@ def test_sample_job_is_deterministic_and_writes_pngs_grid_and_settings(tiny_pipe
 
 
 def test_sample_cli(tiny_pipeline, tmp_path):
-    proc = run_cli("sample", "--pipeline", str(tiny_pipeline), "--scheduler", "dpmsolver++", "--steps", "3", "--num-images", "4",
-                   "--seed", "0", "--out", str(tmp_path / "out"))
+    proc = run_cli(
+        "sample",
+        "--pipeline",
+        str(tiny_pipeline),
+        "--scheduler",
+        "dpmsolver++",
+        "--steps",
+        "3",
+        "--num-images",
+        "4",
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 4 and (tmp_path / "out" / "grid.png").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--pipeline", "/nonexistent/pipeline"], "/nonexistent/pipeline is neither a pipeline directory (model_index.json) nor a checkpoint"),
-    (["--scheduler", "warp-drive"], "'warp-drive' is not one of"),
-    (["--steps", "0"], "--steps must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--pipeline", "/nonexistent/pipeline"],
+            "/nonexistent/pipeline is neither a pipeline directory (model_index.json) nor a checkpoint",
+        ),
+        (["--scheduler", "warp-drive"], "'warp-drive' is not one of"),
+        (["--steps", "0"], "--steps must be positive"),
+    ],
+)
 def test_sample_cli_errors_are_one_line(tiny_pipeline, args, message):
-    base = {"--pipeline": str(tiny_pipeline)}
     argv = ["sample", *([] if "--pipeline" in args else ["--pipeline", str(tiny_pipeline)]), *args]
     proc = run_cli(*argv)
     assert proc.returncode == 2

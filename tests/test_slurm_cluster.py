@@ -34,12 +34,23 @@ if not _cluster_answers():
         raise RuntimeError("DDPM_REQUIRE_SLURM=1 but no SLURM cluster answers: run `make cluster-up` (as root)")
     pytest.skip("no SLURM cluster (make cluster-up)", allow_module_level=True)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # 300 steps of the tiny model on two 1-CPU nodes: about half a minute of training.
-TRAIN = [*TINY_MODEL, "data.resolution=8", "train.batch_size=16", "train.max_steps=300", "train.log_every=5",
-         "train.checkpoint_every=100", "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2",
-         "train.mixed_precision=fp32", "optim.warmup_steps=10", "tracking.wandb=false"]
+TRAIN = [
+    *TINY_MODEL,
+    "data.resolution=8",
+    "train.batch_size=16",
+    "train.max_steps=300",
+    "train.log_every=5",
+    "train.checkpoint_every=100",
+    "train.sample_every=0",
+    "train.sample_images=4",
+    "train.sample_steps=2",
+    "train.mixed_precision=fp32",
+    "optim.warmup_steps=10",
+    "tracking.wandb=false",
+]
 
 
 def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -71,8 +82,19 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(runs) -> tuple[Path, dict[str, str]]:
     """A two-node run to the end, with an upload job (dry run) that waits on it."""
-    r = submit("train", "--cluster", "local", "--wait", "--upload", "someone/tiny-digits", "--dry-run-upload",
-               "name=two-nodes", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN)
+    r = submit(
+        "train",
+        "--cluster",
+        "local",
+        "--wait",
+        "--upload",
+        "someone/tiny-digits",
+        "--dry-run-upload",
+        "name=two-nodes",
+        f"runs_dir={runs}",
+        f"data.cache_dir={runs.parent / 'cache'}",
+        *TRAIN,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2 on local" in r.stdout
     return runs / "two-nodes", job_ids(r.stdout)
@@ -96,16 +118,31 @@ def test_the_upload_job_starts_only_after_training_succeeded(trained):
     run_dir, jobs = trained
     upload = next(v for k, v in jobs.items() if k.startswith("upload"))
     train_info, upload_info = scontrol(jobs["train"]), scontrol(upload)
-    assert upload_info["JobState"] == "COMPLETED" and upload_info["Dependency"] in ("(null)", f"afterok:{jobs['train']}(unfulfilled)")
+    assert upload_info["JobState"] == "COMPLETED" and upload_info["Dependency"] in (
+        "(null)",
+        f"afterok:{jobs['train']}(unfulfilled)",
+    )
     assert upload_info["StartTime"] >= train_info["EndTime"]  # ISO timestamps compare as strings
     out = (run_dir / "slurm" / upload / f"{upload}_0_log.out").read_text()
     assert "dry run, nothing sent: would upload" in out and "model_index.json" in out and "README.md" in out
 
 
 def test_a_failed_training_job_cancels_its_upload(runs):
-    r = submit("train", "--cluster", "local", "--wait", "--upload", "someone/x", "--dry-run-upload",
-               "name=fails", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN,
-               "data.source=folder", f"data.path={runs.parent / 'no-such-folder'}")
+    r = submit(
+        "train",
+        "--cluster",
+        "local",
+        "--wait",
+        "--upload",
+        "someone/x",
+        "--dry-run-upload",
+        "name=fails",
+        f"runs_dir={runs}",
+        f"data.cache_dir={runs.parent / 'cache'}",
+        *TRAIN,
+        "data.source=folder",
+        f"data.path={runs.parent / 'no-such-folder'}",
+    )
     assert r.returncode == 1
     jobs = job_ids(r.stdout)
     upload = next(v for k, v in jobs.items() if k.startswith("upload"))
@@ -116,9 +153,20 @@ def test_a_failed_training_job_cancels_its_upload(runs):
 
 def test_a_sweep_array_and_its_merge(trained, tmp_path):
     run_dir, _ = trained
-    spec = {"name": "arr", "out_dir": str(tmp_path / "sweeps"), "models": [{"pipeline": str(run_dir / "pipeline")}],
-            "schedulers": ["ddim", "dpmsolver++"], "steps": [2, 4], "num_images": 8, "batch_size": 8, "grid_images": 4,
-            "metric": "digitsnet", "device": "cpu", "precision": "fp32", "tracking": {"wandb": False}}
+    spec = {
+        "name": "arr",
+        "out_dir": str(tmp_path / "sweeps"),
+        "models": [{"pipeline": str(run_dir / "pipeline")}],
+        "schedulers": ["ddim", "dpmsolver++"],
+        "steps": [2, 4],
+        "num_images": 8,
+        "batch_size": 8,
+        "grid_images": 4,
+        "metric": "digitsnet",
+        "device": "cpu",
+        "precision": "fp32",
+        "tracking": {"wandb": False},
+    }
     config = tmp_path / "arr.yaml"
     config.write_text(yaml.safe_dump(spec))
     r = submit("sweep", "--cluster", "local", "--config", str(config), "--shards", "2", "--wait")
@@ -127,14 +175,24 @@ def test_a_sweep_array_and_its_merge(trained, tmp_path):
     jobs = job_ids(r.stdout)
     array = next(v for k, v in jobs.items() if k.startswith("sweep array"))
     logs = tmp_path / "sweeps" / "arr" / "slurm"
-    assert (logs / f"{array}_0" / f"{array}_0_0_log.out").is_file() and (logs / f"{array}_1" / f"{array}_1_0_log.out").is_file()
+    assert (logs / f"{array}_0" / f"{array}_0_0_log.out").is_file() and (
+        logs / f"{array}_1" / f"{array}_1_0_log.out"
+    ).is_file()
     rows = json.loads((tmp_path / "sweeps" / "arr" / "results.json").read_text())
     assert len(rows) == 4 and all(r["fd_digitsnet"] > 0 for r in rows)
 
 
 def test_a_preempted_job_requeues_itself_and_ends_where_an_uninterrupted_one_does(trained, runs):
     reference, _ = trained
-    r = submit("train", "--cluster", "local", "name=preempted", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN)
+    r = submit(
+        "train",
+        "--cluster",
+        "local",
+        "name=preempted",
+        f"runs_dir={runs}",
+        f"data.cache_dir={runs.parent / 'cache'}",
+        *TRAIN,
+    )
     assert r.returncode == 0, r.stderr
     job = job_ids(r.stdout)["train"]
     metrics = runs / "preempted" / "metrics.jsonl"

@@ -18,7 +18,14 @@ def sbatch(profile, kind: str, nodes: int | None = None) -> list[str]:
 
 def test_local_profile_trains_on_two_cpu_nodes_one_task_each():
     lines = sbatch(load_profile("local"), "train")
-    for flag in ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--partition=debug", "--time=30", "--signal=USR2@60"):
+    for flag in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        "--partition=debug",
+        "--time=30",
+        "--signal=USR2@60",
+    ):
         assert f"#SBATCH {flag}" in lines
     assert not any("gpus" in line for line in lines)
     assert "export SUBMITIT_PREEMPT_SIGNAL=USR2" in lines and "export OMP_NUM_THREADS=1" in lines
@@ -27,35 +34,61 @@ def test_local_profile_trains_on_two_cpu_nodes_one_task_each():
 def test_gpu_profile_runs_one_task_per_gpu_and_keeps_the_big_options_off_cpu_jobs():
     profile = load_profile("example-gpu")
     train = sbatch(profile, "train", nodes=2)
-    for flag in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--mem=480GB", "--account=my-project",
-                 "--qos=normal", "--constraint=h100", "--exclusive", "--time=1440", "--signal=USR2@300"):
+    for flag in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=12",
+        "--mem=480GB",
+        "--account=my-project",
+        "--qos=normal",
+        "--constraint=h100",
+        "--exclusive",
+        "--time=1440",
+        "--signal=USR2@300",
+    ):
         assert f"#SBATCH {flag}" in train, flag
     sweep = sbatch(profile, "sweep")
-    assert "#SBATCH --gpus-per-node=1" in sweep and "#SBATCH --ntasks-per-node=1" in sweep and "#SBATCH --cpus-per-task=8" in sweep
+    assert (
+        "#SBATCH --gpus-per-node=1" in sweep
+        and "#SBATCH --ntasks-per-node=1" in sweep
+        and "#SBATCH --cpus-per-task=8" in sweep
+    )
     cpu = sbatch(profile, "cpu")
     assert "#SBATCH --partition=cpu" in cpu and "#SBATCH --cpus-per-task=4" in cpu and "#SBATCH --mem=16GB" in cpu
     assert not any("gpus" in line or "exclusive" in line or "constraint" in line for line in cpu)
     python = python_command(profile, Path("/repo/.venv/bin/python"), [Path("/runs/.code/abc")])
-    assert python == "apptainer exec --nv --bind /shared/datasets --bind /shared/cache/ddpm:/cache --bind /runs/.code/abc /shared/images/ddpm.sif python"
+    assert (
+        python == "apptainer exec --nv --bind /shared/datasets --bind /shared/cache/ddpm:/cache --bind /runs/.code/abc "
+        "/shared/images/ddpm.sif python"
+    )
     assert python_command(load_profile("local"), Path("/repo/.venv/bin/python"), []) == "/repo/.venv/bin/python"
 
 
 def test_the_profile_signal_replaces_submitits_usr2(tmp_path):
     path = tmp_path / "usr1.yaml"
-    path.write_text("partition: p\nsignal: USR1\nsignal_lead_s: 200\ntime_min: 60\nsbatch_extra: ['--reservation=big']\n")
+    path.write_text(
+        "partition: p\nsignal: USR1\nsignal_lead_s: 200\ntime_min: 60\nsbatch_extra: ['--reservation=big']\n"
+    )
     lines = sbatch(load_profile(str(path)), "train")
     assert "#SBATCH --signal=USR1@200" in lines and not any("USR2" in line for line in lines)
     assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in lines and "#SBATCH --reservation=big" in lines
 
 
-@pytest.mark.parametrize("text, message", [
-    ("partition: p\nnodez: 2\n", "unknown key 'nodez'"),
-    ("nodes: 2\n", "partition is required"),
-    ("partition: p\nsignal: KILL\n", "signal: 'KILL' is not one of"),
-    ("partition: p\ntime_min: 1\nsignal_lead_s: 90\n", "signal_lead_s (90) must be shorter than the time limit (1 min)"),
-    ("partition: p\ncontainer: {image: x.sif, bindz: []}\n", "unknown key 'container.bindz'"),
-    ("partition: p\nsbatch_extra: [exclusive]\n", "'exclusive' is not an sbatch option"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("partition: p\nnodez: 2\n", "unknown key 'nodez'"),
+        ("nodes: 2\n", "partition is required"),
+        ("partition: p\nsignal: KILL\n", "signal: 'KILL' is not one of"),
+        (
+            "partition: p\ntime_min: 1\nsignal_lead_s: 90\n",
+            "signal_lead_s (90) must be shorter than the time limit (1 min)",
+        ),
+        ("partition: p\ncontainer: {image: x.sif, bindz: []}\n", "unknown key 'container.bindz'"),
+        ("partition: p\nsbatch_extra: [exclusive]\n", "'exclusive' is not an sbatch option"),
+    ],
+)
 def test_bad_profiles_are_refused_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -82,7 +115,9 @@ def test_nightly_file_becomes_a_dated_sweep_over_the_newest_checkpoints(tmp_path
 
     from slurm.nightly import sweep_config
 
-    (tmp_path / "nightly.yaml").write_text("runs: [runs/a, /abs/b]\nnewest: 3\nsweep: {schedulers: [ddim], steps: [10], metric: digitsnet}\n")
+    (tmp_path / "nightly.yaml").write_text(
+        "runs: [runs/a, /abs/b]\nnewest: 3\nsweep: {schedulers: [ddim], steps: [10], metric: digitsnet}\n"
+    )
     cfg = sweep_config(tmp_path / "nightly.yaml", today=datetime.date(2026, 11, 25))
     assert cfg.name == "nightly-2026-11-25" and cfg.schedulers == ("ddim",) and cfg.metric == "digitsnet"
     assert [(m.run, m.newest) for m in cfg.models] == [(str(tmp_path / "runs" / "a"), 3), ("/abs/b", 3)]
@@ -98,8 +133,22 @@ def test_nightly_install_without_scrontab_prints_the_crontab_line(tmp_path):
 
     (tmp_path / "nightly.yaml").write_text("runs: [runs/a]\nschedule: '30 3 * * *'\n")
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no scrontab on this PATH
-    r = subprocess.run([sys.executable, "-m", "slurm.nightly", "install", "--cluster", "local", "--runs", str(tmp_path / "nightly.yaml")],
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slurm.nightly",
+            "install",
+            "--cluster",
+            "local",
+            "--runs",
+            str(tmp_path / "nightly.yaml"),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("30 3 * * * cd ") and "-m slurm.nightly submit --cluster local --runs" in line
@@ -112,8 +161,10 @@ def test_code_snapshot_takes_uncommitted_and_new_files_and_leaves_the_checkout_a
 
     repo = tmp_path / "repo"
     repo.mkdir()
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
     git("init", "-q")
     (repo / ".gitignore").write_text("runs/\n")
     (repo / "a.py").write_text("A = 1\n")
@@ -126,7 +177,11 @@ def test_code_snapshot_takes_uncommitted_and_new_files_and_leaves_the_checkout_a
     before = git("status", "--porcelain")
     monkeypatch.setattr(launch, "REPO", repo)
     snap, described = launch.code_snapshot(tmp_path / "code")
-    assert (snap / "a.py").read_text() == "A = 2\n" and (snap / "b.py").read_text() == "B = 1\n" and not (snap / "runs").exists()
+    assert (
+        (snap / "a.py").read_text() == "A = 2\n"
+        and (snap / "b.py").read_text() == "B = 1\n"
+        and not (snap / "runs").exists()
+    )
     assert described.startswith(git("rev-parse", "HEAD").strip() + "+dirty:")
     assert git("status", "--porcelain") == before, "the checkout and its index are untouched"
     assert launch.code_snapshot(tmp_path / "code")[0] == snap  # the same code, the same snapshot

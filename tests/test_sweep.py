@@ -13,36 +13,35 @@ import yaml
 from diffusers import DDPMPipeline
 from PIL import Image
 
-from ddpm.config import load_config
+from ddpm.device import auto_precision
 from ddpm.export import pipeline_from_checkpoint
 from ddpm.sweep import load_sweep_config
-from ddpm.train import train
 from jobs import sweep as sweep_job
-from tests.conftest import TINY_MODEL, run_cli
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A tiny digits run trained for 6 steps with checkpoints at steps 3 and 6 and an exported pipeline."""
-    root = tmp_path_factory.mktemp("sweep")
-    cfg = load_config(None, ["name=tiny", f"runs_dir={root / 'runs'}", f"data.cache_dir={root / 'cache'}", "data.resolution=8",
-                             *TINY_MODEL, "train.batch_size=16", "train.max_steps=6", "train.log_every=2",
-                             "train.checkpoint_every=3", "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2",
-                             "train.mixed_precision=fp32", "optim.warmup_steps=2", "tracking.wandb=false"])
-    train(cfg)
-    return cfg.run_dir
+from tests.conftest import run_cli
 
 
 @pytest.fixture
-def sweep_file(tiny_run, tmp_path, monkeypatch):
-    """Writes a sweep YAML over the tiny run; keyword arguments replace its keys."""
-    monkeypatch.setenv("DDPM_CACHE", str(tiny_run.parent.parent / "cache"))  # feature net + reference features, shared
+def sweep_file(tiny_run, shared_cache, tmp_path, monkeypatch):
+    """Writes a sweep YAML over the session's tiny run; keyword arguments replace its keys."""
+    monkeypatch.setenv("DDPM_CACHE", str(shared_cache / "ddpm"))  # feature net + reference features, shared
 
     def make(name: str = "grid", **changes) -> Path:
-        spec = {"name": name, "out_dir": str(tmp_path / "sweeps"), "models": [{"pipeline": str(tiny_run / "pipeline")}],
-                "schedulers": ["ddim", "dpmsolver++"], "steps": [2, 4], "seeds": [0], "num_images": 12, "batch_size": 6,
-                "grid_images": 4, "metric": "digitsnet", "device": "cpu", "precision": "fp32",
-                "tracking": {"wandb": False, "project": "ddpm-tests"}, **changes}
+        spec = {
+            "name": name,
+            "out_dir": str(tmp_path / "sweeps"),
+            "models": [{"pipeline": str(tiny_run / "pipeline")}],
+            "schedulers": ["ddim", "dpmsolver++"],
+            "steps": [2, 4],
+            "seeds": [0],
+            "num_images": 12,
+            "batch_size": 6,
+            "grid_images": 4,
+            "metric": "digitsnet",
+            "device": "cpu",
+            "precision": "fp32",
+            "tracking": {"wandb": False, "project": "ddpm-tests"},
+            **changes,
+        }
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(spec))
         return path
@@ -54,10 +53,15 @@ METRICS = ("fd_digitsnet", "kd_digitsnet", "kd_digitsnet_std")
 
 
 def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_file, caplog):
-    cfg = load_sweep_config(sweep_file(tracking={"wandb": True, "project": "ddpm-tests"}))
+    cfg = sweep_job.load(sweep_file(tracking={"wandb": True, "project": "ddpm-tests"}))
     files = sweep_job.run(cfg)
     rows = json.loads(files["json"].read_text())
-    assert [(r["scheduler"], r["steps"]) for r in rows] == [("ddim", 2), ("ddim", 4), ("dpmsolver++", 2), ("dpmsolver++", 4)]
+    assert [(r["scheduler"], r["steps"]) for r in rows] == [
+        ("ddim", 2),
+        ("ddim", 4),
+        ("dpmsolver++", 2),
+        ("dpmsolver++", 4),
+    ]
     for r in rows:
         cell = cfg.sweep_dir / "cells" / r["cell"]
         assert sorted(p.name for p in (cell / "images").iterdir()) == [f"seed-{k:06d}.png" for k in range(12)]
@@ -73,7 +77,10 @@ def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_f
     # The W&B offline run holds the table of the four rows, the plot and one grid per cell.
     media = next((cfg.sweep_dir / "wandb").glob("offline-run-*")) / "files" / "media"
     table = json.loads(next((media / "table" / "sweep").glob("results_*.table.json")).read_text())
-    assert table["columns"][:6] == ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed"] and len(table["data"]) == 4
+    assert (
+        table["columns"][:6] == ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed"]
+        and len(table["data"]) == 4
+    )
     assert {r[0] for r in table["data"]} == {r["cell"] for r in rows}
     assert len(list((media / "images" / "sweep").glob("plot_*.png"))) == 1
     assert len(list((media / "images" / "grid").rglob("*.png"))) == 4
@@ -81,21 +88,22 @@ def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_f
     # Rerun: nothing is sampled again (row files untouched); a changed setting reruns every cell.
     stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
     caplog.set_level("INFO")
-    sweep_job.run(load_sweep_config(sweep_file(tracking={"wandb": False})))
+    sweep_job.run(sweep_job.load(sweep_file(tracking={"wandb": False})))
     assert "4 of 4 cells already done" in caplog.text
     assert {c: (cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns for c in stamps} == stamps
-    again = sweep_job.run(load_sweep_config(sweep_file(num_images=8)))
+    again = sweep_job.run(sweep_job.load(sweep_file(num_images=8)))
     assert {r["num_images"] for r in json.loads(again["json"].read_text())} == {8}
     # New weights at the same path (a re-export) redo the cells too.
     weights = next((Path(rows[0]["model_path"]) / "unet").glob("diffusion_pytorch_model*"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
-    sweep_job.run(load_sweep_config(sweep_file(num_images=8)))
+    sweep_job.run(sweep_job.load(sweep_file(num_images=8)))
     assert all((cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns != t for c, t in stamps.items())
 
 
+@pytest.mark.slow  # the SLURM array test covers shards + merge too
 def test_two_shards_merged_equal_the_unsharded_sweep(sweep_file, tmp_path):
-    whole = json.loads(sweep_job.run(load_sweep_config(sweep_file("whole")))["json"].read_text())
+    whole = json.loads(sweep_job.run(sweep_job.load(sweep_file("whole")))["json"].read_text())
     config = sweep_file("sharded")
     env = {"DDPM_CACHE": os.environ["DDPM_CACHE"]}
     r = run_cli("sweep", "--config", str(config), "--shard", "0/2", env=env)
@@ -113,14 +121,21 @@ def test_two_shards_merged_equal_the_unsharded_sweep(sweep_file, tmp_path):
         assert {m: a[m] for m in METRICS} == pytest.approx({m: b[m] for m in METRICS}, rel=1e-9)
         cell = Path(a["cell"])
         for name in ("grid.png", "images/seed-000011.png"):  # same seeds, same pixels, in a separate process
-            assert np.array_equal(np.asarray(Image.open(tmp_path / "sweeps" / "whole" / "cells" / cell / name)),
-                                  np.asarray(Image.open(tmp_path / "sweeps" / "sharded" / "cells" / cell / name)))
+            assert np.array_equal(
+                np.asarray(Image.open(tmp_path / "sweeps" / "whole" / "cells" / cell / name)),
+                np.asarray(Image.open(tmp_path / "sweeps" / "sharded" / "cells" / cell / name)),
+            )
 
 
 def test_merge_names_the_cells_still_missing(sweep_file):
     config = sweep_file("partial")
     assert run_cli("sweep", "--config", str(config), "--plan-only").returncode == 0
-    assert run_cli("sweep", "--config", str(config), "--shard", "0/2", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]}).returncode == 0
+    assert (
+        run_cli(
+            "sweep", "--config", str(config), "--shard", "0/2", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]}
+        ).returncode
+        == 0
+    )
     r = run_cli("sweep", "--config", str(config), "--merge")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     error = r.stderr.strip().splitlines()[-1]
@@ -128,7 +143,9 @@ def test_merge_names_the_cells_still_missing(sweep_file):
 
 
 def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file):
-    cfg = load_sweep_config(sweep_file("ckpts", models=[{"run": str(tiny_run), "newest": 2}], schedulers=["ddim"], steps=[2]))
+    cfg = sweep_job.load(
+        sweep_file("ckpts", models=[{"run": str(tiny_run), "newest": 2}], schedulers=["ddim"], steps=[2])
+    )
     rows = json.loads(sweep_job.run(cfg)["json"].read_text())
     assert [(r["model"], r["checkpoint_step"]) for r in rows] == [("tiny/step-00000003", 3), ("tiny/step-00000006", 6)]
     # The last checkpoint's EMA weights are the exported pipeline's.
@@ -137,17 +154,26 @@ def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file):
     assert all(torch.equal(from_ckpt[k], exported[k]) for k in exported)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"schedulers": ["ddim", "nope"]}, "schedulers: 'nope' is not one of"),
-    ({"models": [{"pipeline": "a", "run": "b"}]}, "models[0]: give exactly one of pipeline, checkpoints, run"),
-    ({"models": [{"pipeline": "/nonexistent/pipeline"}]}, "models[0].pipeline: /nonexistent/pipeline is not a pipeline directory"),
-    ({"metric": "fid"}, "metric: 'fid' is not one of"),
-    ({"stepz": [1]}, "unknown key 'stepz'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"schedulers": ["ddim", "nope"]}, "schedulers: 'nope' is not one of"),
+        ({"models": [{"pipeline": "a", "run": "b"}]}, "models[0]: give exactly one of pipeline, checkpoints, run"),
+        (
+            {"models": [{"pipeline": "/nonexistent/pipeline"}]},
+            "models[0].pipeline: /nonexistent/pipeline is not a pipeline directory",
+        ),
+        ({"metric": "fid"}, "metric: 'fid' is not one of"),
+        ({"stepz": [1]}, "unknown key 'stepz'"),
+    ],
+)
 def test_bad_sweep_configs_fail_in_one_line(sweep_file, change, message):
     r = run_cli("sweep", "--config", str(sweep_file("bad", **change)))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("ddpm sweep: error: ") and message in r.stderr.strip().splitlines()[-1]
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith("ddpm sweep: error: ")
+        and message in r.stderr.strip().splitlines()[-1]
+    )
 
 
 SWEEP_CONFIGS = Path(__file__).parents[1] / "configs" / "sweeps"
@@ -173,10 +199,23 @@ def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_pa
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     uncond = tiny_pipelines.unconditional(tmp_path / "uncond" / "pipeline")
-    spec = {"name": "t2i", "out_dir": str(tmp_path / "sweeps"), "models": [{"hub": "someone/tiny-sd"}, {"pipeline": str(uncond)}],
-            "schedulers": ["ddim"], "steps": [2], "seeds": [0], "prompts": ["a red square", "a blue circle"],
-            "guidance_scales": [1.0, 7.5], "num_images": 2, "batch_size": 2, "grid_images": 2, "metric": "none",
-            "device": "cpu", "precision": "auto", "tracking": {"wandb": False}}
+    spec = {
+        "name": "t2i",
+        "out_dir": str(tmp_path / "sweeps"),
+        "models": [{"hub": "someone/tiny-sd"}, {"pipeline": str(uncond)}],
+        "schedulers": ["ddim"],
+        "steps": [2],
+        "seeds": [0],
+        "prompts": ["a red square", "a blue circle"],
+        "guidance_scales": [1.0, 7.5],
+        "num_images": 2,
+        "batch_size": 2,
+        "grid_images": 2,
+        "metric": "none",
+        "device": "cpu",
+        "precision": "auto",
+        "tracking": {"wandb": False},
+    }
     (tmp_path / "t2i.yaml").write_text(yaml.safe_dump(spec))
     env = {"HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
     r = run_cli("sweep", "--config", str(tmp_path / "t2i.yaml"), env=env)
@@ -185,10 +224,16 @@ def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_pa
     files = {k: cfg.sweep_dir / f for k, f in (("json", "results.json"), ("csv", "results.csv"), ("plot", "plot.png"))}
     rows = json.loads(files["json"].read_text())
     t2i = [r for r in rows if r["model"] == "someone--tiny-sd/0123456789ab"]
-    assert [(r["prompt"], r["guidance"]) for r in t2i] == [(p, g) for p in ("a red square", "a blue circle") for g in (1.0, 7.5)]
-    assert all(r["model_path"] == str(repo / "snapshots" / commit) and r["precision"] == "fp32" for r in t2i)
+    assert [(r["prompt"], r["guidance"]) for r in t2i] == [
+        (p, g) for p in ("a red square", "a blue circle") for g in (1.0, 7.5)
+    ]
+    auto = auto_precision(torch.device("cpu"))  # one meaning of "auto" for every job (ddpm.device)
+    assert all(r["model_path"] == str(repo / "snapshots" / commit) and r["precision"] == auto for r in t2i)
     assert [r["cell"] for r in rows if r["model"] == "uncond/pipeline"] == ["uncond/pipeline/ddim-2steps-seed0"]
-    images = {r["cell"]: np.asarray(Image.open(cfg.sweep_dir / "cells" / r["cell"] / "images" / "seed-000000.png")) for r in t2i}
+    images = {
+        r["cell"]: np.asarray(Image.open(cfg.sweep_dir / "cells" / r["cell"] / "images" / "seed-000000.png"))
+        for r in t2i
+    }
     assert all(img.shape == (32, 32, 3) for img in images.values())
     assert len({img.tobytes() for img in images.values()}) == 4  # each prompt and guidance scale changes the image
     header = files["csv"].read_text().splitlines()[0].split(",")
@@ -203,14 +248,21 @@ def test_a_text_to_image_model_without_prompts_is_refused(tmp_path):
     from tests import tiny_pipelines
 
     pipe = tiny_pipelines.text_to_image(tmp_path / "sd" / "pipeline")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "metric": "none", "out_dir": str(tmp_path)}))
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "metric": "none", "out_dir": str(tmp_path)})
+    )
     r = run_cli("sweep", "--config", str(tmp_path / "s.yaml"))
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == ("ddpm sweep: error: models: sd/pipeline is a text-to-image pipeline; "
-                                                 "give prompts: [...] in the sweep config")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "prompts": ["x"], "out_dir": str(tmp_path)}))
+    assert r.stderr.strip().splitlines()[-1] == (
+        "ddpm sweep: error: models: sd/pipeline is a text-to-image pipeline; give prompts: [...] in the sweep config"
+    )
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "prompts": ["x"], "out_dir": str(tmp_path)})
+    )
     r = run_cli("sweep", "--config", str(tmp_path / "s.yaml"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        "ddpm sweep: error: models: sd/pipeline has no training run to compare with; give reference: (digits, folder:PATH, "
-        "hf:NAME[:SPLIT] or a config YAML), or metric: none")
+        "ddpm sweep: error: models: sd/pipeline has no training run to compare with; "
+        "give reference: (digits, folder:PATH, "
+        "hf:NAME[:SPLIT] or a config YAML), or metric: none"
+    )
     assert not (tmp_path / "s" / "cells").exists()

@@ -105,8 +105,24 @@ def test_two_processes_count_steps_lr_and_ema_once(tiny, tmp_path):
     step, not per process or micro-step; only rank 0 exports."""
     overrides = tiny("train.grad_accum=2", "train.log_every=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "jobs.cli", "train", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "jobs.cli",
+            "train",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = load_config(None, overrides)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +131,10 @@ def test_two_processes_count_steps_lr_and_ema_once(tiny, tmp_path):
         assert r["lr"] == pytest.approx(cfg.optim.lr * lr_factor(r["step"] - 1, 2, 6, "cosine"))
     state = json.loads((cfg.run_dir / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert (state["world_size"], state["ema_step"], state["batch"]) == (2, 6, 12)
-    assert sorted(p.name for p in (cfg.run_dir / "checkpoints" / "step-00000006").glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints" / "step-00000006").glob("rng-rank*.pt")) == [
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+    ]
     _, ema = final_weights(cfg.run_dir, 6)
     exported = DDPMPipeline.from_pretrained(cfg.run_dir / "pipeline").unet.state_dict()
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
@@ -128,7 +147,11 @@ def test_wandb_offline_run_keeps_config_history_and_images_and_resumes_the_same_
     files = list((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1 and wandb_files.run_id(files[0]) == run_id
     config = wandb_files.run_config(files[0])
-    assert config["seed"] == 0 and config["train"]["batch_size"] == 16 and config["model"]["block_out_channels"] == [16, 32]
+    assert (
+        config["seed"] == 0
+        and config["train"]["batch_size"] == 16
+        and config["model"]["block_out_channels"] == [16, 32]
+    )
     assert config["run"]["world_size"] == 1 and "git_sha" in config["run"]
     history = wandb_files.history(files[0])
     assert [h["_step"] for h in history if "loss" in h] == [2, 4]
@@ -166,7 +189,9 @@ def test_a_run_directory_held_by_a_live_process_is_refused(tiny):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         cfg.run_dir.mkdir(parents=True)
-        (cfg.run_dir / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "earlier"}))
+        (cfg.run_dir / "lock.json").write_text(
+            json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "earlier"})
+        )
         proc = run_cli("train", *tiny(name="held"))
         assert proc.returncode == 2
         error_lines = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -183,8 +208,13 @@ def test_a_run_directory_held_by_a_live_process_is_refused(tiny):
 def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tiny):
     """A real signal to a real training process: it checkpoints at the next log step and exits with 3."""
     overrides = tiny("train.max_steps=2000", "train.log_every=1", "train.checkpoint_every=1000", name="sigterm")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "train", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     cfg = load_config(None, overrides)
     metrics = cfg.run_dir / "metrics.jsonl"
     deadline = time.time() + 120
@@ -198,8 +228,11 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tiny):
     assert not (cfg.run_dir / "lock.json").exists()
 
 
-@pytest.mark.parametrize("extra", [["train.mixed_precision=bf16"], ["schedule.prediction_type=v_prediction"],
-                                   ["train.gradient_checkpointing=true"]], ids=["bf16", "v-prediction", "grad-checkpointing"])
+@pytest.mark.parametrize(
+    "extra",
+    [["train.mixed_precision=bf16"], ["schedule.prediction_type=v_prediction"], ["train.gradient_checkpointing=true"]],
+    ids=["bf16", "v-prediction", "grad-checkpointing"],
+)
 def test_training_options_run_and_export(tiny, extra):
     cfg, pipeline = run_tiny(tiny(*extra, "train.log_every=1"))
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]

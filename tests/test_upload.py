@@ -10,27 +10,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpm.config import load_config
-from ddpm.train import train
 from jobs.cli import main
-from tests.conftest import TINY_MODEL, report, run_cli
+from tests.conftest import copy_of_tiny_run, report, run_cli
 from tests.hub_server import PUBLIC, HubServer
 
 TOKEN = "hf_secret_value_1234567890"
-PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
-                  "unet/diffusion_pytorch_model.safetensors"}
+PIPELINE_FILES = {
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+}
 COMMIT = PIPELINE_FILES | {"README.md", "training_config.yaml", "samples.png"}
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
+def pipeline(tiny_run, tmp_path_factory) -> Path:
     """A tiny digits run's exported pipeline (6 steps), with the clutter a run directory gathers beside it."""
-    root = tmp_path_factory.mktemp("upload")
-    cfg = load_config(None, ["name=tiny", f"runs_dir={root / 'runs'}", f"data.cache_dir={root / 'cache'}", "data.resolution=8",
-                             *TINY_MODEL, "train.batch_size=16", "train.max_steps=6", "train.checkpoint_every=3",
-                             "train.sample_every=0", "train.sample_images=4", "train.sample_steps=2",
-                             "train.mixed_precision=fp32", "optim.warmup_steps=2", "tracking.wandb=false"])
-    path = train(cfg)
+    path = copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("upload")) / "pipeline"
     # what the diffusers example scripts leave in their output folder, and editors and caches leave anywhere
     (path / "checkpoint-500").mkdir()
     (path / "checkpoint-500" / "optimizer.bin").write_bytes(b"o" * 1000)
@@ -42,28 +39,42 @@ def pipeline(tmp_path_factory) -> Path:
 
 
 def hub_env(hub: HubServer, tmp_path: Path, token: str | None = TOKEN) -> dict:
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     return {**env, "HF_TOKEN": token} if token else {**env, "HF_TOKEN": ""}
 
 
 def test_dry_run_lists_the_commit_and_prints_a_model_card(pipeline):
-    r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", "--dry-run", env={"HF_TOKEN": TOKEN})
+    r = run_cli(
+        "upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", "--dry-run", env={"HF_TOKEN": TOKEN}
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("dry run, nothing sent: would upload to someone/tiny-digits@main (public if created): 7 files,")
+    assert r.stdout.startswith(
+        "dry run, nothing sent: would upload to someone/tiny-digits@main (public if created): 7 files,"
+    )
     listed = {line.split("  (")[0].strip() for line in r.stdout.splitlines() if line.startswith("  ")}
     assert listed == COMMIT  # never the checkpoint, optimizer, W&B or cache files beside the pipeline
     card = r.stdout.split("--- README.md ---\n", 1)[1]
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "diffusers" and front["pipeline_tag"] == "unconditional-image-generation"
     assert front["license"] == "mit" and "ddpm" in front["tags"]
-    assert 'DDPMPipeline.from_pretrained("someone/tiny-digits")' in card and "- steps: 6;" in card and "![samples](samples.png)" in card
+    assert (
+        'DDPMPipeline.from_pretrained("someone/tiny-digits")' in card
+        and "- steps: 6;" in card
+        and "![samples](samples.png)" in card
+    )
     assert TOKEN not in r.stdout + r.stderr
 
 
 def test_bad_folders_and_repo_ids_fail_in_one_line(pipeline, tmp_path, capsys):
     assert main(["upload", "--pipeline", str(tmp_path), "--repo-id", "someone/x", "--dry-run"]) == 2
-    assert capsys.readouterr().err.strip() == (f"ddpm upload: error: --pipeline: {tmp_path} is not a pipeline directory "
-                                               "(no model_index.json); train first")
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm upload: error: --pipeline: {tmp_path} is not a pipeline directory (no model_index.json); train first"
+    )
     assert main(["upload", "--pipeline", str(pipeline), "--repo-id", "no-slash", "--dry-run"]) == 2
     assert "--repo-id: 'no-slash' is not of the form user/name" in capsys.readouterr().err
 
@@ -73,12 +84,22 @@ def test_bad_folders_and_repo_ids_fail_in_one_line(pipeline, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:1000])  # an export cut short
     assert main(["upload", "--pipeline", str(broken), "--repo-id", "someone/x", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"ddpm upload: error: --pipeline: {broken} does not load (") and err.endswith("a partial or broken export is never uploaded")
+    assert err.startswith(f"ddpm upload: error: --pipeline: {broken} does not load (") and err.endswith(
+        "a partial or broken export is never uploaded"
+    )
 
 
 def test_upload_is_one_commit_and_a_rerun_makes_none(pipeline, tmp_path):
     with HubServer(TOKEN) as hub:
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", "--private", env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload",
+            "--pipeline",
+            str(pipeline),
+            "--repo-id",
+            "someone/tiny-digits",
+            "--private",
+            env=hub_env(hub, tmp_path),
+        )
         assert r.returncode == 0, r.stderr
         repo = hub.repos["someone/tiny-digits"]
         assert repo.private
@@ -92,17 +113,29 @@ def test_upload_is_one_commit_and_a_rerun_makes_none(pipeline, tmp_path):
         assert f"committed {commits[-1].sha[:10]}" in r.stdout
 
         # nothing changed: no commit, and the rerun says so
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", env=hub_env(hub, tmp_path)
+        )
         assert r.returncode == 0, r.stderr
         assert len(hub.commits("someone/tiny-digits")) == 2
         assert "nothing changed: someone/tiny-digits@main already holds these files" in r.stdout
 
         # one changed file: a commit carrying that file only
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", "--license", "apache-2.0",
-                    env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload",
+            "--pipeline",
+            str(pipeline),
+            "--repo-id",
+            "someone/tiny-digits",
+            "--license",
+            "apache-2.0",
+            env=hub_env(hub, tmp_path),
+        )
         assert r.returncode == 0, r.stderr
         assert len(hub.commits("someone/tiny-digits")) == 3
-        sent = [json.loads(line)["value"]["path"] for line in hub.requests[-1].body.splitlines() if b'"key": "file"' in line]
+        sent = [
+            json.loads(line)["value"]["path"] for line in hub.requests[-1].body.splitlines() if b'"key": "file"' in line
+        ]
         assert hub.requests[-1].path.endswith("/commit/main") and sent == ["README.md"]
         assert b"license: apache-2.0" in hub.files("someone/tiny-digits")["README.md"]
 
@@ -115,7 +148,16 @@ def test_upload_is_one_commit_and_a_rerun_makes_none(pipeline, tmp_path):
 
 def test_revision_goes_to_its_own_branch(pipeline, tmp_path):
     with HubServer(TOKEN) as hub:
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", "--revision", "step-6", env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload",
+            "--pipeline",
+            str(pipeline),
+            "--repo-id",
+            "someone/tiny",
+            "--revision",
+            "step-6",
+            env=hub_env(hub, tmp_path),
+        )
         assert r.returncode == 0, r.stderr
         assert set(hub.files("someone/tiny", "step-6")) == COMMIT | {".gitattributes"}
         assert set(hub.files("someone/tiny", "main")) == {".gitattributes"}
@@ -123,14 +165,20 @@ def test_revision_goes_to_its_own_branch(pipeline, tmp_path):
 
 def test_token_problems_are_one_line_and_never_show_the_token(pipeline, tmp_path):
     with HubServer(TOKEN) as hub:
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", env=hub_env(hub, tmp_path, token=None))
+        r = run_cli(
+            "upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", env=hub_env(hub, tmp_path, token=None)
+        )
         assert r.returncode == 2
-        assert r.stderr.strip().splitlines()[-1] == ("ddpm upload: error: no Hugging Face token: set HF_TOKEN, or run "
-                                                     "`hf auth login` once (the token is never printed)")
+        assert r.stderr.strip().splitlines()[-1] == (
+            "ddpm upload: error: no Hugging Face token: set HF_TOKEN, or run "
+            "`hf auth login` once (the token is never printed)"
+        )
         assert [r.path for r in hub.requests if r.path not in PUBLIC] == []  # nothing was asked of the Hub
 
         wrong = "hf_wrong_token_abcdefghij"
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", env=hub_env(hub, tmp_path, token=wrong))
+        r = run_cli(
+            "upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", env=hub_env(hub, tmp_path, token=wrong)
+        )
         assert r.returncode == 2
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("ddpm upload: error: upload to someone/tiny failed: ") and "401 Unauthorized" in last
@@ -139,6 +187,7 @@ def test_token_problems_are_one_line_and_never_show_the_token(pipeline, tmp_path
         assert "someone/tiny" not in hub.repos
 
 
+@pytest.mark.slow
 def test_an_interrupted_upload_leaves_the_old_model_and_a_retry_finishes(pipeline, tmp_path):
     with HubServer(TOKEN) as hub:
         r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", env=hub_env(hub, tmp_path))
@@ -147,16 +196,34 @@ def test_an_interrupted_upload_leaves_the_old_model_and_a_retry_finishes(pipelin
 
         # a connection lost once mid-commit: huggingface_hub retries, and exactly one commit lands
         hub.drop_commits = 1
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", "--license", "apache-2.0",
-                    env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload",
+            "--pipeline",
+            str(pipeline),
+            "--repo-id",
+            "someone/tiny",
+            "--license",
+            "apache-2.0",
+            env=hub_env(hub, tmp_path),
+        )
         assert r.returncode == 0, r.stderr
-        assert len(hub.commits("someone/tiny")) == 3 and b"license: apache-2.0" in hub.files("someone/tiny")["README.md"]
+        assert (
+            len(hub.commits("someone/tiny")) == 3 and b"license: apache-2.0" in hub.files("someone/tiny")["README.md"]
+        )
 
         # lost on every retry: a one-line failure, and the repo still holds the previous model, whole
         before = hub.files("someone/tiny")
         hub.drop_commits = 100
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", "--license", "cc-by-4.0",
-                    env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload",
+            "--pipeline",
+            str(pipeline),
+            "--repo-id",
+            "someone/tiny",
+            "--license",
+            "cc-by-4.0",
+            env=hub_env(hub, tmp_path),
+        )
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and last.startswith("ddpm upload: error: upload to someone/tiny failed: ")
         assert last.endswith("a commit lands whole or not at all: rerun to finish")
@@ -164,10 +231,23 @@ def test_an_interrupted_upload_leaves_the_old_model_and_a_retry_finishes(pipelin
         dropped = 100 - hub.drop_commits
 
         hub.drop_commits = 0
-        r = run_cli("upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny", "--license", "cc-by-4.0",
-                    env=hub_env(hub, tmp_path))
+        r = run_cli(
+            "upload",
+            "--pipeline",
+            str(pipeline),
+            "--repo-id",
+            "someone/tiny",
+            "--license",
+            "cc-by-4.0",
+            env=hub_env(hub, tmp_path),
+        )
         assert r.returncode == 0, r.stderr
         after = hub.files("someone/tiny")
         assert b"license: cc-by-4.0" in after["README.md"] and all(after[k] == before[k] for k in PIPELINE_FILES)
-    report(fault="upload connection dropped mid-commit", injected=1 + dropped, transient_recovered=1, failed_cleanly=1,
-           mixed_states_seen=0)
+    report(
+        fault="upload connection dropped mid-commit",
+        injected=1 + dropped,
+        transient_recovered=1,
+        failed_cleanly=1,
+        mixed_states_seen=0,
+    )

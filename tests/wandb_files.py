@@ -24,11 +24,11 @@ def records(path: Path) -> list:
         if BLOCK - pos % BLOCK < 7:  # too little room for a header: the block is padded
             pos += BLOCK - pos % BLOCK
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
         if kind == 0 and length == 0:
             break
-        chunk += data[pos:pos + length]
+        chunk += data[pos : pos + length]
         pos += length
         if kind in (1, 4):
             record = pb.Record()

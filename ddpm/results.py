@@ -1,0 +1,100 @@
+"""Result tables of a sweep: results.csv and results.json (a row per cell, in plan order) and plot.png.
+
+The plot is quality (or speed, without a metric) against sampling steps, a line per scheduler, a panel per model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ddpm.files import unique_suffix, write_json
+from ddpm.metrics import metric_columns
+
+COLUMNS = [
+    "cell",
+    "model",
+    "checkpoint_step",
+    "scheduler",
+    "steps",
+    "seed",
+    "prompt",
+    "guidance",
+    "num_images",
+    "metric",
+    "reference_data",
+    "reference_images",
+    "kid_subset_size",
+    "device",
+    "precision",
+    "model_path",
+]
+
+
+def write_results(out: Path, title: str, metric: str, rows: list[dict]) -> dict[str, Path]:
+    """results.csv, results.json and plot.png in `out`; returns their paths."""
+    columns = [c for c in COLUMNS[:8] + metric_columns(metric) + COLUMNS[8:] if any(c in r for r in rows)]
+    tmp = out / f".results.csv.{unique_suffix()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "results.csv")
+    write_json(out / "results.json", rows)
+    plot_results(title, metric, rows, out / "plot.png")
+    return {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "plot.png"}
+
+
+def plot_results(title: str, metric: str, rows: list[dict], path: Path) -> None:
+    """Quality (or speed, without a metric) against sampling steps, a line per scheduler, a panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    y_key = metric_columns(metric)[0]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models):
+        # a line per scheduler (and guidance scale, for text-to-image); seeds and prompts are averaged
+        lines = list(dict.fromkeys((r["scheduler"], r.get("guidance")) for r in rows if r["model"] == model))
+        for sch, guidance in lines:
+            points: dict[int, list[float]] = {}
+            for r in rows:
+                if r["model"] == model and r["scheduler"] == sch and r.get("guidance") == guidance:
+                    points.setdefault(r["steps"], []).append(r[y_key])
+            xs = sorted(points)
+            ys = [float(np.mean(points[x])) for x in xs]
+            err = [float(np.std(points[x])) for x in xs]
+            label = sch if guidance is None else f"{sch}, guidance {guidance:g}"
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err if max(len(v) for v in points.values()) > 1 else None,
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        ax.set_xscale("log")
+        values = [r[y_key] for r in rows if r["model"] == model and r[y_key] > 0]
+        if values and max(values) > 5 * min(values):  # one diverging sampler would flatten the others into a line
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        steps = sorted({r["steps"] for r in rows})
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("sampling steps")
+        ax.set_title(model, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{y_key} (lower is better)" if metric != "none" else "seconds per image")
+    axes[0][-1].legend(fontsize=8)
+    seeds, images = len({r["seed"] for r in rows}), rows[0]["num_images"]
+    fig.suptitle(f"{title}: {y_key}, {images} images per cell, {seeds} seed{'s' if seeds > 1 else ''}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

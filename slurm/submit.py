@@ -1,0 +1,79 @@
+"""`ddpm submit <job> --cluster <profile> ...`: a job's own typed config, plus where and how to submit it.
+
+The job's config is built exactly as `ddpm <job>` builds it (same flags, YAML and key=value overrides);
+SubmitOptions adds the cluster, the wait and what follows (an upload after training). The SLURM tasks
+carry the typed configs (slurm.entry), never a command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ddpm.errors import ConfigError
+
+SUBMITTABLE = ("train", "sweep", "upload")
+
+
+@dataclass
+class SubmitOptions:
+    cluster: str = ""  # profile name under slurm/clusters/ (e.g. local) or a .yaml path
+    wait: bool = False  # block until the jobs end; exit 1 if any failed
+    nodes: int = 0  # train: nodes (0: the profile's)
+    upload: str = ""  # train: also submit an upload of the pipeline to this Hub repo, run if training succeeds
+    dry_run_upload: bool = False  # train with --upload: the upload stages and lists only (no network)
+    shards: int = 0  # sweep: array tasks (0: one per cell, at most 64)
+    after: str = ""  # upload: start only after this job id succeeded
+
+    def validate(self) -> None:
+        if not self.cluster:
+            raise ConfigError(
+                "--cluster is required: a profile name under slurm/clusters/ (e.g. local) or a .yaml path"
+            )
+        if self.nodes < 0 or self.shards < 0:
+            raise ConfigError("--nodes and --shards must be non-negative")
+
+
+def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
+    """Submit, print the job ids and log paths; with --wait, block and return 1 if any job failed."""
+    from jobs.upload import UploadConfig
+    from slurm import launch
+    from slurm.profile import load_profile
+
+    opts.validate()
+    profile = load_profile(opts.cluster)
+    submitted: list[launch.Submitted] = []
+    if job == "train":
+        nodes = opts.nodes or profile.nodes
+        train = launch.submit_train(profile, cfg, nodes)
+        print(launch.describe_train(cfg, train, nodes, profile), flush=True)
+        submitted.append(train)
+        if opts.upload:
+            pipeline = Path(cfg.runs_dir).resolve() / cfg.run_name / "pipeline"
+            up = launch.submit_upload(
+                profile,
+                UploadConfig(pipeline=str(pipeline), repo_id=opts.upload, dry_run=opts.dry_run_upload),
+                after=train.job_id,
+            )
+            print(up.describe(), flush=True)
+            submitted.append(up)
+    elif job == "sweep":
+        array, merge = launch.submit_sweep(profile, cfg, opts.shards or 64)
+        print(f"{array.describe()}\n{merge.describe()}\n  results: {cfg.sweep_dir}", flush=True)
+        submitted += [array, merge]
+    elif job == "upload":
+        cfg = dataclasses.replace(cfg, pipeline=str(Path(cfg.pipeline).resolve()))
+        up = launch.submit_upload(profile, cfg, after=opts.after)
+        print(up.describe(), flush=True)
+        submitted.append(up)
+    else:
+        raise ConfigError(f"ddpm submit: {job!r} cannot be submitted; one of {', '.join(SUBMITTABLE)}")
+    if not opts.wait:
+        return 0
+    states = launch.wait([s.job_id for s in submitted])
+    failed = {j: s for j, s in states.items() if s != "COMPLETED"}
+    for j, s in failed.items():
+        print(f"job {j} ended {s}; see its log above", flush=True)
+    return 1 if failed else 0
