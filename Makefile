@@ -7,13 +7,15 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
+.PHONY: help install train sample test test-slow lint format bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
-	@echo "make test                                                  run the test suite"
-	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with DDIM, 25 steps"
-	@echo "make bench [ARGS=--quick]                                 speed figures, appended to docs/benchmarks.md"
+	@echo "make test                                                  the fast suite, on every core (under 10 min on 2 cores)"
+	@echo "make test-slow                                             the long variants: SLURM cluster, fault injection (CI runs both)"
+	@echo "make lint / format                                         ruff: check formatting and lint / fix them"
+	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with the default sampler"
+	@echo "make bench [ARGS=--quick|--ablation]                      speed figures (bench/), appended to docs/benchmarks.md"
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
 	@echo "make submit-sweep CLUSTER=local SWEEP=configs/sweeps/x.yaml  sampling sweep as a SLURM array + merge"
 	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
@@ -39,41 +41,62 @@ train: install
 
 PIPELINE ?= $(firstword $(wildcard runs/*/pipeline))
 sample: install
-	.venv/bin/ddpm sample --pipeline $(PIPELINE) --scheduler ddim --steps 25 --num-images 64 --seed 0 $(ARGS)
+	.venv/bin/ddpm sample --pipeline $(PIPELINE) $(ARGS)
 
-# The tests need no network: the Hub is offline and W&B writes offline run files.
+# The tests need no network: the Hub is offline and W&B writes offline run files. -n: one pytest worker per core.
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
+WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: install
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true .venv/bin/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) .venv/bin/python -m pytest -n $(WORKERS) $(PYTEST_ARGS)
+
+# The long variants (marked slow): the SLURM cluster tests (make cluster-up first) and multi-minute fault injection.
+test-slow: install
+	$(TEST_ENV) .venv/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
+
+format: install
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 # Speed against the tutorial's way, in one run; the sampling figures need the default model (make train).
 BENCH_OUT ?= docs/benchmarks.md
 # Every fault-injection test, the slow variants too; the counts go to reliability-report.jsonl (docs/reliability.md).
 test-reliability: install
 	rm -f reliability-report.jsonl
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true DDPM_RELIABILITY_REPORT=$(CURDIR)/reliability-report.jsonl \
+	$(TEST_ENV) DDPM_RELIABILITY_REPORT=$(CURDIR)/reliability-report.jsonl \
 		.venv/bin/python -m pytest tests/test_reliability.py tests/test_upload.py -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: install
 	@if [[ "$(ARGS)" != *--quick* && ! -f runs/digits-16px/pipeline/model_index.json ]]; then $(MAKE) train; fi
-	.venv/bin/ddpm bench $(if $(findstring --quick,$(ARGS)),,--out $(BENCH_OUT)) $(ARGS)
+	.venv/bin/python -m bench $(if $(findstring --quick,$(ARGS)),,--out $(BENCH_OUT)) $(ARGS)
 
 # SLURM: submitit jobs from a snapshot of this commit; see docs/slurm.md. WAIT=1 blocks until the jobs end.
-CLUSTER ?= local
+# No default cluster: a submission goes where it is told (CLUSTER=local is the dev cluster of slurm/dev).
+CLUSTER ?=
+need_cluster = @test -n "$(CLUSTER)" || { echo "make $@: give CLUSTER=<profile>, one of: \
+	$$(ls slurm/clusters | sed -n 's/\.yaml$$//p' | tr '\n' ' ')(slurm/clusters/), or a path to a profile .yaml" >&2; exit 2; }
 NODES ?=
 SWEEP ?= configs/sweeps/digits.yaml
 REPO ?=
 AFTER ?=
 NIGHTLY ?= slurm/nightly.yaml
 submit-train: install
+	$(need_cluster)
 	.venv/bin/ddpm submit train --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(NODES),--nodes $(NODES)) $(if $(WAIT),--wait) $(ARGS)
 
 submit-sweep: install
+	$(need_cluster)
 	.venv/bin/ddpm submit sweep --cluster $(CLUSTER) --config $(SWEEP) $(if $(WAIT),--wait) $(ARGS)
 
 submit-upload: install
+	$(need_cluster)
 	.venv/bin/ddpm submit upload --cluster $(CLUSTER) --pipeline $(PIPELINE) --repo-id $(REPO) $(if $(AFTER),--after $(AFTER)) $(if $(WAIT),--wait) $(ARGS)
 
 nightly-install: install
+	$(need_cluster)
 	.venv/bin/python -m slurm.nightly install --cluster $(CLUSTER) --runs $(NIGHTLY)
 
 # A real two-node SLURM cluster on this machine (network + UTS namespaces), for development and the tests.

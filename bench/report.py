@@ -81,8 +81,8 @@ def report(r: dict) -> str:
         f"FD-digitsnet against the {smp['real_images']} real digits, lower is better; peak RSS "
         f"{smp['peak_rss_mib']:.0f} MiB):",
         "",
-        "| sampler | steps | s/image | speed-up vs DDPM | FD-digitsnet |",
-        "|---|---|---|---|---|",
+        "| sampler | steps | precision | s/image | speed-up vs DDPM | FD-digitsnet |",
+        "|---|---|---|---|---|---|",
     ]
     from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 
@@ -90,7 +90,7 @@ def report(r: dict) -> str:
     for row in smp["rows"]:
         default = " (default)" if (row["sampler"], row["steps"]) == (DEFAULT_SAMPLER, DEFAULT_STEPS) else ""
         lines.append(
-            f"| {row['sampler']}{default} | {row['steps']} | {row['s_per_img']:.4f} "
+            f"| {row['sampler']}{default} | {row['steps']} | {row.get('precision', 'fp32')} | {row['s_per_img']:.4f} "
             f"| {base['s_per_img'] / row['s_per_img']:.1f}x | {row['fd']:.2f} |"
         )
     return "\n".join(lines)

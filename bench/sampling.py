@@ -47,8 +47,9 @@ def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], n
     import torch
     from diffusers import DDPMPipeline
 
-    from ddpm.config import DataConfig
+    from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, DataConfig
     from ddpm.data import open_cache
+    from ddpm.device import resolve_placement
     from ddpm.metrics import digits_feature_net, features, frechet_distance
     from ddpm.sample import generate, make_sampler
 
@@ -72,6 +73,27 @@ def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], n
             {
                 "sampler": name,
                 "steps": steps,
+                "s_per_img": seconds / num_images,
+                "fd": frechet_distance(features(net, images), real_features),
+            }
+        )
+    # What precision "auto" (ddpm.device) buys in sampling: the default sampler in fp32 above, here in auto.
+    auto = resolve_placement(device, "auto")
+    if auto.precision != "fp32":
+        sampler = make_sampler(DEFAULT_SAMPLER, pipe.scheduler)
+        generate(unet, sampler, [0], 2, 1, device, auto.autocast_dtype)  # warm-up
+        start = time.perf_counter()
+        images = generate(
+            unet, sampler, list(range(num_images)), DEFAULT_STEPS, num_images, device, auto.autocast_dtype
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "sampler": DEFAULT_SAMPLER,
+                "steps": DEFAULT_STEPS,
+                "precision": auto.precision,
                 "s_per_img": seconds / num_images,
                 "fd": frechet_distance(features(net, images), real_features),
             }

@@ -47,6 +47,19 @@ def is_ddpm(path: str | Path) -> bool:
         return False
 
 
+def model_fingerprint(path: str) -> str:
+    """Changes when the weights at `path` change: a checkpoint's EMA SHA-256 from its manifest, or the size and
+    modification time of a pipeline's UNet weights (an export replaces them), without hashing gigabytes."""
+    p = Path(path)
+    try:
+        if (p / "manifest.json").is_file():
+            return json.loads((p / "manifest.json").read_text())["files"]["ema.safetensors"]["sha256"]
+        weights = sorted((p / "unet").glob("diffusion_pytorch_model*"))
+        return ";".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     name = Path(path).name
     return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else None

@@ -8,28 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from ddpm.errors import UserError
-from ddpm.evaluate import Evaluator, image_seeds
+from ddpm.evaluate import Evaluator, image_seeds, model_fingerprint
 from ddpm.files import write_json
 from ddpm.sweep import Cell, SweepConfig
 
 log = logging.getLogger(__name__)
-
-
-def model_fingerprint(path: str) -> str:
-    """Changes when the weights at `path` change: a checkpoint's EMA SHA-256 from its manifest, or the size and
-    modification time of a pipeline's UNet weights (an export replaces them), without hashing gigabytes."""
-    p = Path(path)
-    try:
-        if (p / "manifest.json").is_file():
-            return json.loads((p / "manifest.json").read_text())["files"]["ema.safetensors"]["sha256"]
-        weights = sorted((p / "unet").glob("diffusion_pytorch_model*"))
-        return ";".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
-    except (OSError, ValueError, KeyError):
-        return ""
 
 
 def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:

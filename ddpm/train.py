@@ -110,9 +110,11 @@ def train(cfg: Config) -> Path | None:
             flush=True,
         )
     if device.type == "cuda":
-        torch.set_float32_matmul_precision(
-            "high"
-        )  # TF32 for what runs outside autocast (cuDNN convs use TF32 by default)
+        # TF32 for what runs outside autocast (cuDNN convolutions use TF32 by default).
+        torch.set_float32_matmul_precision("high")
+        # Every training batch has the same shape, so cuDNN's one-off search for the fastest convolution
+        # algorithm per shape pays back from the first epoch on.
+        torch.backends.cudnn.benchmark = True
     lock = RunLock(run_dir)
     if is_main:
         lock.acquire()

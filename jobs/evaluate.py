@@ -36,8 +36,15 @@ class EvaluateConfig:
     wandb: bool = True  # log a W&B evaluate run in the training run's group
 
     def validate(self) -> None:
+        from ddpm.evaluate import SEED_STRIDE
+        from ddpm.sample import SAMPLERS
+
         if not self.pipeline:
             raise ConfigError("--pipeline is required (a pipeline or checkpoint directory)")
+        if self.scheduler not in SAMPLERS:
+            raise ConfigError(f"--scheduler: {self.scheduler!r} is not one of {', '.join(SAMPLERS)}")
+        if not 0 <= self.seed < 2**31 // SEED_STRIDE:
+            raise ConfigError(f"--seed must be in 0..{2**31 // SEED_STRIDE - 1}, got {self.seed}")
         if self.num_images < 2:
             raise ConfigError(f"--num-images: FID/KID need at least 2 images, got {self.num_images}")
         for key in ("steps", "batch_size"):
@@ -50,7 +57,7 @@ CONFIG = EvaluateConfig
 
 def run(cfg: EvaluateConfig) -> dict:
     """Writes the JSON row (and the images beside it); returns the row with its path under "out"."""
-    from ddpm.evaluate import Evaluator, Scoring, image_seeds
+    from ddpm.evaluate import Evaluator, Scoring, image_seeds, model_fingerprint
     from ddpm.export import run_dir_of
     from ddpm.files import write_json
     from ddpm.metrics import metric_columns
@@ -74,6 +81,7 @@ def run(cfg: EvaluateConfig) -> dict:
     row = {
         "model": f"{run_dir.name}/{path.name}",
         "model_path": str(path),
+        "model_fingerprint": model_fingerprint(str(path)),
         "scheduler": cfg.scheduler,
         "steps": cfg.steps,
         "seed": cfg.seed,

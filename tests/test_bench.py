@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench.__main__ import BenchConfig, run
 from bench.report import report
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ddpm.device import auto_precision
 
 
 @pytest.mark.slow  # a developer tool beside the product: make test-slow
@@ -14,12 +17,14 @@ def test_quick_bench_measures_every_stage(tmp_path):
     assert results["data"]["pil_img_s"] > 0 and results["data"]["cached_img_s"] > 0
     assert results["reference"]["img_s"] > 0 and results["ours"]["img_s"] > 0
     assert results["ours"]["flops_per_img"] > 1e8  # the tutorial UNet at 32 px: about a GFLOP per image
-    runs = [(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]]
-    assert runs == [("ddpm", 50), ("ddim", 10), ("dpmsolver++", 10)]
+    runs = [(r["sampler"], r["steps"], r.get("precision", "fp32")) for r in results["sampling"]["rows"]]
+    auto = auto_precision(torch.device("cpu"))  # the default sampler again in the precision "auto" picks
+    extra = [(DEFAULT_SAMPLER, DEFAULT_STEPS, auto)] if auto != "fp32" else []
+    assert runs == [("ddpm", 50, "fp32"), ("ddim", 10, "fp32"), ("dpmsolver++", 10, "fp32"), *extra]
     assert all(r["fd"] >= 0 and r["s_per_img"] > 0 for r in results["sampling"]["rows"])
     assert results["data"]["peak_rss_mib"] > 0
     text = report(results)
-    assert "| training, tutorial UNet 32 px" in text and "| dpmsolver++ | 10 |" in text
+    assert "| training, tutorial UNet 32 px" in text and "| dpmsolver++ | 10 | fp32 |" in text
 
 
 @pytest.mark.slow

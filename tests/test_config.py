@@ -129,3 +129,9 @@ def test_butterflies_64_is_the_larger_recipe():
     cfg = load_config(ROOT / "configs" / "butterflies-64.yaml")
     assert (cfg.data.resolution, cfg.train.batch_size, cfg.train.epochs, cfg.optim.lr) == (64, 32, 50, 1e-4)
     assert cfg.optim.warmup_steps == 500 and cfg.schedule.beta_schedule == "linear"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_their_run_after_the_file(path):
+    """`make train CONFIG=configs/x.yaml` writes runs/x/, the directory the docs (and a queued upload) name."""
+    assert load_config(path).run_name == path.stem

@@ -173,14 +173,7 @@ def test_stop_signal_to_a_two_process_run_checkpoints_on_every_rank(tiny, tmp_pa
 # 3. A checkpoint damaged by hand
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        "truncated-safetensors",
-        pytest.param("missing-file", marks=pytest.mark.slow),
-        pytest.param("garbage-json", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("damage", ["truncated-safetensors", "missing-file", "garbage-json"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny, damage, caplog):
     straight = load_config(None, tiny(name="straight"))
     train(straight)
