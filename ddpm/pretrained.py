@@ -20,6 +20,19 @@ from ddpm.device import DTYPES
 from ddpm.errors import UserError
 
 
+def pipeline_class(model: str) -> str:
+    """The class a saved pipeline names in its model_index.json (a ddpm checkpoint is a DDPMPipeline), read
+    without loading any weights; "" when it cannot be read (load_any_pipeline then says why)."""
+    from diffusers import DiffusionPipeline
+
+    if (Path(model) / "manifest.json").is_file():
+        return "DDPMPipeline"
+    try:
+        return DiffusionPipeline.load_config(model).get("_class_name", "")
+    except Exception:  # not a pipeline, not cached offline, ...: the load that follows names the problem
+        return ""
+
+
 def load_any_pipeline(model: str, dtype: str = "fp32"):
     """A pipeline from a local directory (a diffusers pipeline or a ddpm checkpoint) or a Hub model id.
 

@@ -80,6 +80,22 @@ def make_sampler(name: str, trained: SchedulerMixin) -> SchedulerMixin:
     return cls.from_config(trained.config, **extra)
 
 
+# The scheduler settings that decide what a sampler computes: written to settings.json beside every grid, so a
+# grid can be reproduced from its folder alone.
+SETTINGS_THAT_MATTER = (
+    "num_train_timesteps", "beta_schedule", "prediction_type", "timestep_spacing", "steps_offset",
+    "algorithm_type", "solver_order", "solver_type", "lower_order_final", "final_sigmas_type",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "thresholding", "sample_max_value",
+    "clip_sample", "clip_sample_range", "lambda_min_clipped", "rescale_betas_zero_snr",
+)  # fmt: skip
+
+
+def sampler_settings(sampler: SchedulerMixin) -> dict:
+    """The sampler's class and the settings of SETTINGS_THAT_MATTER it has."""
+    config = dict(sampler.config)
+    return {"class": type(sampler).__name__, **{k: config[k] for k in SETTINGS_THAT_MATTER if k in config}}
+
+
 @torch.no_grad()
 def generate(
     unet: UNet2DModel,

@@ -78,15 +78,18 @@ def run(cfg: GenerateConfig) -> Path:
 
     from ddpm.device import resolve_placement
     from ddpm.files import write_json
-    from ddpm.pretrained import generate_images, load_any_pipeline, set_sampler, takes_prompt
-    from ddpm.sample import generate, make_grid
+    from ddpm.pretrained import generate_images, load_any_pipeline, pipeline_class, set_sampler, takes_prompt
+    from ddpm.sample import generate, make_grid, sampler_settings
 
     cfg.validate()
     out = cfg.out_dir()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files; give a new directory (nothing there is overwritten)")
     placement = resolve_placement(cfg.device, cfg.precision)
-    pipe = load_any_pipeline(cfg.model, placement.precision)
+    # DDPM pipelines run on ddpm.sample's loop as `ddpm sample` does: fp32 weights under autocast, so the same
+    # seed gives the same image from either command. Other pipelines are loaded in the precision itself.
+    ddpm_loop = pipeline_class(cfg.model) == "DDPMPipeline"
+    pipe = load_any_pipeline(cfg.model, "fp32" if ddpm_loop else placement.precision)
     text = takes_prompt(pipe)
     if text and not cfg.prompts:
         raise UserError(f"--model {cfg.model} is a text-to-image pipeline ({type(pipe).__name__}): give --prompt")
@@ -96,10 +99,9 @@ def run(cfg: GenerateConfig) -> Path:
         set_sampler(pipe, cfg.scheduler)
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
-    ddpm_loop = type(pipe).__name__ == "DDPMPipeline"
 
     def images_of(prompt: str | None):
-        if ddpm_loop:  # autocast to the dtype the weights were loaded in (none for fp32)
+        if ddpm_loop:
             for start in range(0, len(seeds), cfg.batch_size):
                 chunk = seeds[start : start + cfg.batch_size]
                 made = generate(
@@ -143,6 +145,7 @@ def run(cfg: GenerateConfig) -> Path:
             "text_to_image": text,
             "scheduler": cfg.scheduler or "pipeline default",
             "scheduler_class": type(pipe.scheduler).__name__,
+            "sampler": sampler_settings(pipe.scheduler),
             "steps": cfg.steps,
             "guidance": cfg.guidance if text else None,
             "prompts": cfg.prompts,

@@ -54,7 +54,7 @@ def run(cfg: SampleConfig) -> Path:
     """Write PNGs named by seed, grid.png and settings.json; returns the output directory."""
     from ddpm.device import resolve_placement
     from ddpm.export import load_pipeline
-    from ddpm.sample import generate, make_sampler, save_images
+    from ddpm.sample import generate, make_sampler, sampler_settings, save_images
 
     cfg.validate()
     pipe = load_pipeline(cfg.pipeline)
@@ -67,7 +67,12 @@ def run(cfg: SampleConfig) -> Path:
     )
     out = cfg.out_dir
     grid = save_images(images, seeds, out, grid_images=len(images))  # what was asked for, as before
-    settings = {**asdict(cfg), "device": str(placement.device), "precision": placement.precision}
+    settings = {
+        **asdict(cfg),
+        "device": str(placement.device),
+        "precision": placement.precision,
+        "sampler": sampler_settings(sampler),
+    }
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
     log.info("wrote %d images and %s", len(images), grid)
     print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")

@@ -124,6 +124,7 @@ def test_unconditional_with_a_swapped_scheduler(ddpm_pipeline, tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["pipeline_class"] == "DDPMPipeline" and settings["text_to_image"] is False
     assert settings["scheduler_class"] == "DDIMScheduler" and settings["guidance"] is None
+    assert settings["sampler"]["class"] == "DDIMScheduler" and settings["sampler"]["timestep_spacing"] == "trailing"
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"seed-{s:06d}.png" for s in range(4)]
     assert Image.open(out / "images" / "seed-000000.png").size == (8, 8)
     assert Image.open(out / "grid.png").size == (2 * (64 + 2) + 2,) * 2
