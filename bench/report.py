@@ -90,7 +90,7 @@ def report(r: dict) -> str:
     for row in smp["rows"]:
         default = " (default)" if (row["sampler"], row["steps"]) == (DEFAULT_SAMPLER, DEFAULT_STEPS) else ""
         lines.append(
-            f"| {row['sampler']}{default} | {row['steps']} | {row.get('precision', 'fp32')} | {row['s_per_img']:.4f} "
+            f"| {row['sampler']}{default} | {row['steps']} | {row['precision']} | {row['s_per_img']:.4f} "
             f"| {base['s_per_img'] / row['s_per_img']:.1f}x | {row['fd']:.2f} |"
         )
     return "\n".join(lines)

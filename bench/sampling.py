@@ -60,42 +60,23 @@ def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], n
     net = digits_feature_net(res, Path(cache_dir))
     real = open_cache(DataConfig(source="digits", resolution=res, cache_dir=cache_dir), show_progress=False)
     real_features = features(net, real.take(np.arange(len(real))))
-    rows = []
-    for name, steps in runs:
-        generate(unet, make_sampler(name, pipe.scheduler), [0], 2, 1, device)  # warm-up
-        start = time.perf_counter()
+
+    def row(name: str, steps: int, precision: str = "fp32") -> dict:
+        """One timed run of `num_images` images in one batch, after a warm-up, with its FD."""
+        autocast = resolve_placement(device, precision).autocast_dtype
         sampler = make_sampler(name, pipe.scheduler)
-        images = generate(unet, sampler, list(range(num_images)), steps, batch_size=num_images, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        rows.append(
-            {
-                "sampler": name,
-                "steps": steps,
-                "s_per_img": seconds / num_images,
-                "fd": frechet_distance(features(net, images), real_features),
-            }
-        )
-    # What precision "auto" (ddpm.device) buys in sampling: the default sampler in fp32 above, here in auto.
-    auto = resolve_placement(device, "auto")
-    if auto.precision != "fp32":
-        sampler = make_sampler(DEFAULT_SAMPLER, pipe.scheduler)
-        generate(unet, sampler, [0], 2, 1, device, auto.autocast_dtype)  # warm-up
+        generate(unet, sampler, [0], 2, 1, device, autocast)  # warm-up
         start = time.perf_counter()
-        images = generate(
-            unet, sampler, list(range(num_images)), DEFAULT_STEPS, num_images, device, auto.autocast_dtype
-        )
+        images = generate(unet, sampler, list(range(num_images)), steps, num_images, device, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        rows.append(
-            {
-                "sampler": DEFAULT_SAMPLER,
-                "steps": DEFAULT_STEPS,
-                "precision": auto.precision,
-                "s_per_img": seconds / num_images,
-                "fd": frechet_distance(features(net, images), real_features),
-            }
-        )
+        fd = frechet_distance(features(net, images), real_features)
+        return {"sampler": name, "steps": steps, "precision": precision, "s_per_img": seconds / num_images, "fd": fd}
+
+    rows = [row(name, steps) for name, steps in runs]
+    # What precision "auto" (ddpm.device) buys in sampling: the default sampler in fp32 above, here in auto.
+    auto = resolve_placement(device, "auto").precision
+    if auto != "fp32":
+        rows.append(row(DEFAULT_SAMPLER, DEFAULT_STEPS, auto))
     return {"rows": rows, "num_images": num_images, "real_images": len(real), **peak_memory()}

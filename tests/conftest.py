@@ -31,6 +31,28 @@ TINY_MODEL = [
 ]
 
 
+def tiny_overrides(runs_dir: Path, cache: Path, *extra: str, name: str = "tiny") -> list[str]:
+    """A 6-step run of the tiny UNet on 8 px digits (seconds on a CPU); extra key=value strings are appended."""
+    return [
+        f"name={name}",
+        f"runs_dir={runs_dir}",
+        f"data.cache_dir={cache}",
+        "data.resolution=8",
+        *TINY_MODEL,
+        "train.batch_size=16",
+        "train.max_steps=6",
+        "train.log_every=2",
+        "train.checkpoint_every=3",
+        "train.sample_every=0",
+        "train.sample_images=4",
+        "train.sample_steps=2",
+        "train.mixed_precision=fp32",
+        "optim.warmup_steps=2",
+        "tracking.wandb=false",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One data cache for the whole session: the digits decode once."""
@@ -44,27 +66,7 @@ def tiny_run(tmp_path_factory, shared_cache) -> Path:
     from ddpm.config import load_config
     from ddpm.train import train
 
-    root = tmp_path_factory.mktemp("tiny-run")
-    cfg = load_config(
-        None,
-        [
-            "name=tiny",
-            f"runs_dir={root / 'runs'}",
-            f"data.cache_dir={shared_cache}",
-            "data.resolution=8",
-            *TINY_MODEL,
-            "train.batch_size=16",
-            "train.max_steps=6",
-            "train.log_every=2",
-            "train.checkpoint_every=3",
-            "train.sample_every=0",
-            "train.sample_images=4",
-            "train.sample_steps=2",
-            "train.mixed_precision=fp32",
-            "optim.warmup_steps=2",
-            "tracking.wandb=false",
-        ],
-    )
+    cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp("tiny-run") / "runs", shared_cache))
     train(cfg)
     return cfg.run_dir
 
@@ -83,24 +85,7 @@ def tiny(tmp_path, shared_cache):
     """Overrides for a tiny run in tmp_path; extra key=value strings are appended."""
 
     def make(*extra: str, name: str = "tiny") -> list[str]:
-        return [
-            f"name={name}",
-            f"runs_dir={tmp_path / 'runs'}",
-            f"data.cache_dir={shared_cache}",
-            "data.resolution=8",
-            *TINY_MODEL,
-            "train.batch_size=16",
-            "train.max_steps=6",
-            "train.log_every=2",
-            "train.checkpoint_every=3",
-            "train.sample_every=0",
-            "train.sample_images=4",
-            "train.sample_steps=2",
-            "train.mixed_precision=fp32",
-            "optim.warmup_steps=2",
-            "tracking.wandb=false",
-            *extra,
-        ]
+        return tiny_overrides(tmp_path / "runs", shared_cache, *extra, name=name)
 
     return make
 

@@ -17,7 +17,7 @@ def test_quick_bench_measures_every_stage(tmp_path):
     assert results["data"]["pil_img_s"] > 0 and results["data"]["cached_img_s"] > 0
     assert results["reference"]["img_s"] > 0 and results["ours"]["img_s"] > 0
     assert results["ours"]["flops_per_img"] > 1e8  # the tutorial UNet at 32 px: about a GFLOP per image
-    runs = [(r["sampler"], r["steps"], r.get("precision", "fp32")) for r in results["sampling"]["rows"]]
+    runs = [(r["sampler"], r["steps"], r["precision"]) for r in results["sampling"]["rows"]]
     auto = auto_precision(torch.device("cpu"))  # the default sampler again in the precision "auto" picks
     extra = [(DEFAULT_SAMPLER, DEFAULT_STEPS, auto)] if auto != "fp32" else []
     assert runs == [("ddpm", 50, "fp32"), ("ddim", 10, "fp32"), ("dpmsolver++", 10, "fp32"), *extra]
