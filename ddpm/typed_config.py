@@ -202,25 +202,16 @@ def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     rows = []
-    defaults = cls()
+    defaults = to_dict(cls())
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             rows += describe_keys(kind, f"{prefix}{f.name}.")
             continue
-        value = getattr(defaults, f.name)
-        default = yaml.safe_dump(to_dict_value(value), default_flow_style=True, width=10_000).strip()
+        default = yaml.safe_dump(defaults[f.name], default_flow_style=True, width=10_000).strip()
         default = default.removesuffix("\n...").removesuffix("...").strip()
         rows.append((f"{prefix}{f.name}", default, comments.get(f.name, "")))
     return rows
-
-
-def to_dict_value(v: Any) -> Any:
-    if dataclasses.is_dataclass(v):
-        return to_dict(v)
-    if isinstance(v, (tuple, list)):
-        return [to_dict_value(x) for x in v]
-    return v
 
 
 # --------------------------------------------------------------------------------------
@@ -228,7 +219,8 @@ def to_dict_value(v: Any) -> Any:
 
 
 def _flag_kind(kind: Any) -> str | None:
-    """ "scalar", "bool", "strings" (a list of strings: a repeatable flag), or None (only as key=value)."""
+    """The flag a field gets: "scalar", "bool", "strings" (a repeatable flag for a list of strings), or None
+    (sections and lists of other things are set as key=value only)."""
     origin = typing.get_origin(kind)
     if kind is bool:
         return "bool"
@@ -249,7 +241,7 @@ def add_arguments(
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     defaults = cls()
-    group = parser.add_argument_group(f"{cls.__name__} (each also as key=value)")
+    group = parser.add_argument_group(f"{cls.__name__} (each also as key=value)" if positional else cls.__name__)
     for f in dataclasses.fields(cls):
         kind = _flag_kind(hints[f.name])
         if kind is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -16,8 +17,21 @@ from wandb.proto import wandb_internal_pb2 as pb
 BLOCK = 32 * 1024
 
 
-def records(path: Path) -> list:
+def records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a finished run. W&B's service process writes the file on its own schedule, and
+    run.finish() can return before it has (seen under load with two test workers): wait for the exit record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = _parse(path)
+        if (out and out[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _parse(path: Path) -> list:
     data = path.read_bytes()
+    if len(data) < 7:
+        return []  # not written yet
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     out, pos, chunk = [], 7, b""
     while pos + 7 <= len(data):
