@@ -247,10 +247,8 @@ def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
         # decode_image checks the size against data.max_image_pixels itself, on the header, with a message
         # naming the setting; PIL's own guard would fire first with its own limit, so it is lifted meanwhile.
         saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = (
-            None,
-            False,
-        )  # a truncated file is an error, not a grey band
+        # a truncated file is an error, not a grey band
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
         try:
             _build_cache(path, items, cfg, key_fields, show_progress)
         finally:

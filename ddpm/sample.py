@@ -42,10 +42,7 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     # Song et al. 2021, deterministic; "trailing" steps start at t = T (Lin et al. 2024, table 2): measured
     # better FD than "leading" here, and DDIM's x0 clipping keeps the first step stable on the cosine schedule.
     "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
-    "dpmsolver++": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++"},
-    ),  # Lu et al. 2022, 2nd order multistep
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # Lu et al. 2022, multistep
     "dpmsolver-singlestep": (DPMSolverSinglestepScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),  # Zhao et al. 2023
     "deis": (DEISMultistepScheduler, {}),

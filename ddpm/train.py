@@ -143,9 +143,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         cache = open_cache(cfg.data, show_progress=is_main)
     if is_main:
         lock.refresh()  # the cache build can take long: show other hosts that this run is alive
-        if cache.meta.get(
-            "skipped"
-        ):  # data.on_bad_image=skip: which files this run trained without, beside its outputs
+        # data.on_bad_image=skip: which files this run trained without, beside its outputs
+        if cache.meta.get("skipped"):
             write_json(
                 run_dir / "skipped_images.json", {"count": len(cache.meta["skipped"]), "images": cache.meta["skipped"]}
             )
@@ -285,9 +284,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                 loss_sum += loss.detach()
             step += 1
             window_steps += 1
-            epoch, batch = (
-                (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)
-            )  # the next position to read
+            # the next position to read
+            epoch, batch = (epoch, batch + 1) if batch + 1 < order.batches_per_epoch else (epoch + 1, 0)
 
             # Update EMA (only here, on real optimizer steps).
             ema.update(unet.parameters())

@@ -34,9 +34,7 @@ class GenerateConfig:
     seed: int = 0  # image i of every prompt uses seed + i: prompts are compared on the same noise
     num_images: int = 4  # per prompt
     batch_size: int = 4  # images per pipeline call
-    precision: Precision = field(
-        default="auto", metadata={"aliases": ["--dtype"]}
-    )  # the pipeline's dtype; see ddpm.device.resolve_placement
+    precision: Precision = field(default="auto", metadata={"aliases": ["--dtype"]})  # see ddpm.device
     scheduler: str = ""  # "" keeps the pipeline's own; else a name from ddpm.sample.SAMPLERS
     device: str = "auto"  # auto: CUDA if present, else the CPU
     out: str = ""  # "" is generated/<model>-<time>; an existing non-empty directory is refused

@@ -114,9 +114,8 @@ def sbatch_parameters(
         common["qos"] = profile.qos
     if profile.constraint and kind != "cpu":
         common["constraint"] = profile.constraint
-    extra = (
-        _extra(profile) if kind != "cpu" else {}
-    )  # --exclusive and the like are for the GPU jobs, not the small CPU ones
+    # --exclusive and the like are for the GPU jobs, not the small CPU ones
+    extra = _extra(profile) if kind != "cpu" else {}
     if profile.signal != "USR2":  # submitit writes --signal=USR2@lead; the profile's signal replaces it
         extra["signal"] = f"{profile.signal}@{profile.signal_lead_s}"
     if kind == "train":
