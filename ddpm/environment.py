@@ -1,0 +1,146 @@
+"""What this process runs on, checked before a long job: torch and CUDA, the driver, the GPUs, NCCL, SLURM and
+torch.distributed variables, the container, W&B and the Hugging Face cache. Each check is one line with a verdict.
+
+Secrets are never read into the output: a token is reported as present or absent, never shown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# CUDA generation of a torch build -> the oldest NVIDIA driver that runs it (CUDA's minor-version compatibility:
+# 12.x from driver 525, 13.x from driver 580; NVIDIA's CUDA toolkit release notes, table 3).
+MIN_DRIVER = {"12": 525, "13": 580}
+SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_GPUS_ON_NODE",
+)
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+
+
+@dataclass
+class Check:
+    name: str
+    value: str
+    status: str = "ok"  # ok, warn or fail
+    verdict: str = ""  # what to do about it, when there is something to do
+
+    def line(self) -> str:
+        tail = f"  -> {self.verdict}" if self.verdict else ""
+        return f"{self.status:<4}  {self.name:<12} {self.value}{tail}"
+
+
+def driver_version() -> str:
+    """The NVIDIA kernel driver's version ("550.54.15"), or "" when there is none."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for word in text.split():
+            if word.count(".") >= 1 and word.split(".")[0].isdigit() and int(word.split(".")[0]) >= 100:
+                return word
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.split()[0]
+    return ""
+
+
+def driver_verdict(driver: str, cuda: str | None) -> Check:
+    """Whether the driver runs this torch build's CUDA generation."""
+    if not cuda:
+        return Check(
+            "driver",
+            driver or "none",
+            "ok" if not driver else "warn",
+            "this torch build has no CUDA: install the project's CUDA build to use the GPUs" if driver else "",
+        )
+    if not driver:
+        return Check("driver", "none", "warn", f"no NVIDIA driver: CUDA {cuda} cannot run, training uses the CPU")
+    major, generation = int(driver.split(".")[0]), cuda.split(".")[0]
+    needed = MIN_DRIVER.get(generation)
+    if needed and major < needed:
+        older = [g for g, d in sorted(MIN_DRIVER.items()) if d <= major]
+        fix = f"install a torch built for CUDA {older[-1]}" if older else "update the driver"
+        return Check(
+            "driver", driver, "fail", f"driver {major} is too old for this CUDA {cuda} build (needs {needed}+): {fix}"
+        )
+    return Check("driver", driver, "ok", f"runs CUDA {cuda}")
+
+
+def container() -> str:
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+        return f"apptainer {os.environ.get('APPTAINER_CONTAINER') or os.environ.get('SINGULARITY_CONTAINER')}"
+    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
+        return "docker/podman"
+    return "none (host)"
+
+
+def checks(expect_gpus: int = 0) -> list[Check]:
+    import torch
+
+    from ddpm.device import resolve_placement
+    from ddpm.tracking import wandb_mode
+
+    out = [Check("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})")]
+    out.append(driver_verdict(driver_version(), torch.version.cuda))
+    gpus = (
+        [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    described = "; ".join(
+        f"{i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, bf16 {'yes' if p.major >= 8 else 'no'}"
+        for i, p in enumerate(gpus)
+    )
+    gpu_check = Check("GPUs", described or "none usable")
+    if expect_gpus and len(gpus) < expect_gpus:
+        gpu_check.status = "fail"
+        gpu_check.verdict = (
+            f"{expect_gpus} GPU(s) asked for, {len(gpus)} usable: check the driver line, "
+            "CUDA_VISIBLE_DEVICES, --gpus on docker run or --nv on apptainer"
+        )
+    out.append(gpu_check)
+    if gpus:
+        out.append(Check("NCCL", ".".join(map(str, torch.cuda.nccl.version()))))
+    placement = resolve_placement("auto", "auto")
+    out.append(Check("precision", f"auto -> {placement.precision} on {placement.device}"))
+    slurm = ", ".join(f"{k}={os.environ[k]}" for k in SLURM_VARS if k in os.environ)
+    out.append(Check("SLURM", slurm or "not in a SLURM job"))
+    dist = ", ".join(f"{k}={os.environ[k]}" for k in DIST_VARS if k in os.environ)
+    out.append(Check("distributed", dist or "single process"))
+    out.append(Check("container", container()))
+    mode = wandb_mode()
+    out.append(
+        Check("W&B", mode, "ok", "runs are written offline: `wandb sync` them later" if mode == "offline" else "")
+    )
+    out.append(_hf_cache())
+    return out
+
+
+def _hf_cache() -> Check:
+    from huggingface_hub import constants, get_token
+
+    cache = Path(constants.HF_HUB_CACHE)
+    offline = constants.HF_HUB_OFFLINE
+    token = "a token is set" if get_token() else "no token"
+    value = f"{cache} ({'offline' if offline else 'online'}, {token})"
+    probe = cache if cache.exists() else cache.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        return Check("HF cache", value, "warn", "not writable: set HF_HOME to a writable, shared directory")
+    return Check("HF cache", value)
