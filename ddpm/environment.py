@@ -81,6 +81,27 @@ def driver_verdict(driver: str, cuda: str | None) -> Check:
     return Check("driver", driver, "ok", f"runs CUDA {cuda}")
 
 
+def require_gpus(n: int) -> None:
+    """Fail in one line, naming the likely cause, when fewer than n GPUs are usable: a job that asked for GPUs must
+    not fall back to the CPU and run for days at a hundredth of the speed."""
+    import torch
+
+    from ddpm.errors import UserError
+
+    usable = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if usable >= n:
+        return
+    driver = driver_verdict(driver_version(), torch.version.cuda)
+    cause = (
+        driver.verdict
+        if driver.status != "ok"
+        else "check CUDA_VISIBLE_DEVICES, --gpus on docker run, --nv on apptainer"
+    )
+    raise UserError(
+        f"{n} GPU(s) asked for, {usable} usable on {os.uname().nodename}: {cause} (run `ddpm doctor` there)"
+    )
+
+
 def container() -> str:
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
         return f"apptainer {os.environ.get('APPTAINER_CONTAINER') or os.environ.get('SINGULARITY_CONTAINER')}"

@@ -67,15 +67,18 @@ def requeue(max_requeues: int, reason: str) -> None:
 class TrainTask:
     """One task per GPU (per node on CPUs): torch.distributed from SLURM's variables, then the training job."""
 
-    def __init__(self, cfg, max_requeues: int, dist_timeout_min: int):
+    def __init__(self, cfg, max_requeues: int, dist_timeout_min: int, gpus_per_task: int = 0):
         self.cfg, self.max_requeues, self.dist_timeout_min = cfg, max_requeues, dist_timeout_min
+        self.gpus_per_task = gpus_per_task  # the profile's gpus_per_node: every task sees its node's GPUs
 
     def __call__(self) -> str:
         import submitit
 
+        from ddpm.environment import require_gpus
         from jobs import train
 
         _setup_logging()
+        require_gpus(self.gpus_per_task)  # before any work, on every rank
         # One scheme for devices: every task sees all GPUs of its node and accelerate picks cuda:LOCAL_RANK.
         # (export()'s default would narrow CUDA_VISIBLE_DEVICES to one GPU, and then cuda:LOCAL_RANK would not exist.)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

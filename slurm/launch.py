@@ -151,7 +151,7 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None)
     ex = _executor(
         profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes, binds=[Path(cfg.runs_dir), *data]
     )
-    job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min))
+    job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node))
     return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
 
 

@@ -57,3 +57,19 @@ def test_expected_gpus_that_are_missing_fail_in_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("ddpm doctor: error: 1 check(s) failed: GPUs: 2 GPU(s) asked")
     assert "fail  GPUs" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without GPUs")
+def test_a_gpu_training_task_without_usable_gpus_fails_before_any_work(tmp_path):
+    """A GPU profile's training task refuses to fall back to the CPU: one line, before the process group or the
+    data are touched (nothing is written)."""
+    from ddpm.config import load_config
+    from ddpm.environment import require_gpus
+    from ddpm.errors import UserError
+    from slurm.entry import TrainTask
+
+    require_gpus(0)  # a CPU profile asks for none
+    cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}"])
+    with pytest.raises(UserError, match=r"^8 GPU\(s\) asked for, 0 usable on .*: .*ddpm doctor"):
+        TrainTask(cfg, max_requeues=1, dist_timeout_min=1, gpus_per_task=8)()
+    assert not (tmp_path / "runs").exists()
