@@ -38,13 +38,9 @@ class Scoring:
 
 def is_ddpm(path: str | Path) -> bool:
     """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub)."""
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return True
-    try:
-        return json.loads((p / "model_index.json").read_text()).get("_class_name") == "DDPMPipeline"
-    except (OSError, ValueError):
-        return False
+    from ddpm.pretrained import pipeline_class
+
+    return pipeline_class(path) == "DDPMPipeline"
 
 
 def model_fingerprint(path: str) -> str:

@@ -20,15 +20,18 @@ from ddpm.device import DTYPES
 from ddpm.errors import UserError
 
 
-def pipeline_class(model: str) -> str:
+def pipeline_class(model: str | Path) -> str:
     """The class a saved pipeline names in its model_index.json (a ddpm checkpoint is a DDPMPipeline), read
     without loading any weights; "" when it cannot be read (load_any_pipeline then says why)."""
-    from diffusers import DiffusionPipeline
-
-    if (Path(model) / "manifest.json").is_file():
+    path = Path(model)
+    if (path / "manifest.json").is_file():
         return "DDPMPipeline"
     try:
-        return DiffusionPipeline.load_config(model).get("_class_name", "")
+        if path.exists():
+            return json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(str(model)).get("_class_name", "")  # a Hub id: the cached index only
     except Exception:  # not a pipeline, not cached offline, ...: the load that follows names the problem
         return ""
 
@@ -124,8 +127,5 @@ def saved_takes_prompt(path: str | Path) -> bool:
     """Whether the pipeline saved at `path` is text-conditioned, from the class model_index.json names (not loaded)."""
     import diffusers
 
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False  # a ddpm checkpoint
-    cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
+    cls = getattr(diffusers, pipeline_class(path), None)
     return cls is not None and takes_prompt(cls)
