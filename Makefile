@@ -7,7 +7,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test test-slow lint format bench submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
+.PHONY: help install train sample test test-slow lint format bench bench-gpu submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
 
 help:
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint / format                                         ruff: check formatting and lint / fix them"
 	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with the default sampler"
 	@echo "make bench [ARGS=--quick|--ablation]                      speed figures (bench/), appended to docs/benchmarks.md"
+	@echo "make bench-gpu [ARGS=--quick]                             GPU figures: training MFU, sampling at batch 256"
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
 	@echo "make submit-sweep CLUSTER=local SWEEP=configs/sweeps/x.yaml  sampling sweep as a SLURM array + merge"
 	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
@@ -68,6 +69,10 @@ test-reliability: install
 	rm -f reliability-report.jsonl
 	$(TEST_ENV) DDPM_RELIABILITY_REPORT=$(CURDIR)/reliability-report.jsonl \
 		.venv/bin/python -m pytest tests/test_reliability.py tests/test_upload.py -m "slow or not slow" $(PYTEST_ARGS)
+
+# GPU figures (bench/gpu.py): training img/s and MFU at 32 and 64 px, sampling at batch 256; under 8 min on an H100.
+bench-gpu: install
+	.venv/bin/python -m bench.gpu $(if $(findstring --quick,$(ARGS)),,--out $(BENCH_OUT)) $(ARGS)
 
 bench: install
 	@if [[ "$(ARGS)" != *--quick* && ! -f runs/digits-16px/pipeline/model_index.json ]]; then $(MAKE) train; fi

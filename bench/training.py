@@ -19,8 +19,10 @@ TUTORIAL_MODEL = [
 ]
 
 
-def stage_reference_train(folder: str, batch_size: int, windows: int, window_steps: int, warmup_steps: int) -> dict:
-    """The tutorial's training loop, as written there."""
+def stage_reference_train(
+    folder: str, batch_size: int, windows: int, window_steps: int, warmup_steps: int, resolution: int = 32
+) -> dict:
+    """The tutorial's training loop, as written there (its UNet at `resolution`)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DModel
@@ -28,9 +30,9 @@ def stage_reference_train(folder: str, batch_size: int, windows: int, window_ste
     # fmt: off
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    train_dataloader = tutorial_loader(Path(folder), 32, batch_size)
+    train_dataloader = tutorial_loader(Path(folder), resolution, batch_size)
     model = UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(64, 128, 128, 256),
+        sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(64, 128, 128, 256),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     ).to(device)
@@ -64,7 +66,14 @@ def stage_reference_train(folder: str, batch_size: int, windows: int, window_ste
 
 
 def stage_ddpm_train(
-    folder: str, workdir: str, batch_size: int, windows: int, window_steps: int, warmup_steps: int, extra: list[str]
+    folder: str,
+    workdir: str,
+    batch_size: int,
+    windows: int,
+    window_steps: int,
+    warmup_steps: int,
+    extra: list[str],
+    resolution: int = 32,
 ) -> dict:
     """This project's trainer with its defaults, on the same images and UNet; figures from its own metrics."""
     import torch
@@ -73,7 +82,9 @@ def stage_ddpm_train(
     from ddpm.device import resolve_placement
     from ddpm.train import train
 
-    name = "bench-" + ("-".join(e.replace("=", "_").replace(".", "_") for e in extra) or "defaults")
+    name = f"bench-{resolution}px-b{batch_size}-" + (
+        "-".join(e.replace("=", "_").replace(".", "_") for e in extra) or "defaults"
+    )
     cfg = load_config(
         None,
         [
@@ -81,7 +92,7 @@ def stage_ddpm_train(
             f"runs_dir={workdir}/runs",
             "data.source=folder",
             f"data.path={folder}",
-            "data.resolution=32",
+            f"data.resolution={resolution}",
             "data.random_flip=true",
             f"data.cache_dir={workdir}/cache",
             *TUTORIAL_MODEL,
@@ -116,7 +127,7 @@ def stage_ddpm_train(
 
 
 def train_flops_per_image(cfg) -> float:
-    """Forward + backward FLOPs of one 32 px image through the UNet, counted by torch."""
+    """Forward + backward FLOPs of one image through the UNet at the config's resolution, counted by torch."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

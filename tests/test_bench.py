@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -33,3 +35,21 @@ def test_quick_ablation_times_every_variant(tmp_path):
     first_two = [r["variant"] for r in rows][:2]
     assert first_two == ["fp32, plain AdamW (the tutorial's step)", "fp32, channels_last, fused AdamW"]
     assert all(r.get("img_s", 0) > 0 or r.get("ms_per_update", 0) > 0 for r in rows) and len(rows) == 8
+
+
+@pytest.mark.slow
+def test_quick_gpu_bench_runs_every_stage_on_this_machine(tmp_path):
+    from bench.gpu import dense_bf16_peak
+    from bench.gpu import report as gpu_report
+    from bench.gpu import run as gpu_run
+
+    json_out = tmp_path / "gpu.json"
+    results = gpu_run(True, tmp_path, str(json_out))
+    loops = [(r["loop"], r["resolution"]) for r in results["training"]]
+    assert loops == [("tutorial", 32), ("ddpm", 32)]
+    assert all(r["img_s"] > 0 for r in results["training"] + results["sampling"])
+    assert results["training"][1]["tflops"] > 0 and results["sampling"][0]["batch"] == 4
+    assert json_out.is_file() and len(json.loads(json_out.read_text())["sampling"]) == 1  # written per stage
+    assert "| ddpm train | 32 | 8 |" in gpu_report(results)
+    assert dense_bf16_peak("NVIDIA H100 PCIe") == 756e12 and dense_bf16_peak("NVIDIA H200") == 989.4e12
+    assert dense_bf16_peak("Tesla T4") is None  # not in the table: MFU left out rather than guessed
