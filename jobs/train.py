@@ -1,28 +1,70 @@
-"""Train job: train (or resume) a run; the config is ddpm.config.Config, printed before any work."""
+"""Train job: train (or resume) a run; the config is ddpm.config.Config, printed before any work.
+
+ddpm train [--config FILE] [key=value ...]       one process per visible GPU (one process without GPUs)
+ddpm train --gpus 2 ...                          two processes on GPUs 0 and 1 (train.batch_size is per process)
+ddpm train --processes 2 ...                     two CPU processes on gloo: the multi-process path without GPUs
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ddpm.config import Config, dump_yaml, load_config
+from ddpm.config import Config, dump_yaml, validate_config
+from ddpm.typed_config import build_config, read_tree
 
-CONFIG = Config
-load = load_config
+
+@dataclass
+class TrainJobConfig(Config):
+    """The run's config (ddpm.config.Config) plus how this machine runs it, which is not part of the run."""
+
+    gpus: str = "auto"  # processes on GPUs: auto (one per visible GPU), all, or a count; ignored under SLURM
+    processes: int = 0  # instead: this many CPU processes on gloo (0: off)
+
+
+CONFIG = TrainJobConfig
+
+
+def load(path: str | None, overrides: list[str] = (), values: dict | None = None) -> TrainJobConfig:
+    cfg = build_config(TrainJobConfig, read_tree(path, overrides, values))
+    validate_config(cfg)
+    return cfg
+
+
+def run_config(cfg: Config) -> Config:
+    """The run's own config, without the launch options: what config.yaml and a resume see."""
+    if type(cfg) is Config:
+        return cfg
+    return Config(**{f.name: getattr(cfg, f.name) for f in fields(Config)})
 
 
 def describe(cfg: Config) -> str:
-    return f"# run directory: {cfg.run_dir}\n{dump_yaml(cfg)}"
+    return f"# run directory: {cfg.run_dir}\n{dump_yaml(run_config(cfg))}"
+
+
+def _train_one(cfg: Config) -> Path | None:
+    """One process of the run (module level: the launcher pickles it by name)."""
+    from ddpm.train import train  # heavy imports (torch, diffusers) only when the job runs
+
+    return train(cfg)
 
 
 def run(cfg: Config) -> Path | None:
-    """Plain and picklable: the same call runs locally, in the container and under SLURM. Returns the exported
-    pipeline, or None when the launch ended early with a checkpoint (train.stop_after)."""
-    from ddpm.train import train  # heavy imports (torch, diffusers) only when the job runs
+    """Plain and picklable: the same call runs locally, in the container and under SLURM. Starts one process per
+    GPU where asked (ddpm.local_launch). Returns the exported pipeline, or None when the launch ended early with a
+    checkpoint (train.stop_after)."""
+    from ddpm.local_launch import launch, processes_to_start
 
-    path = train(cfg)
+    nproc, on_cpu = processes_to_start(getattr(cfg, "gpus", "auto"), getattr(cfg, "processes", 0))
+    plain = run_config(cfg)
+    if nproc > 1:
+        print(f"starting {nproc} training processes on {'the CPU' if on_cpu else f'{nproc} GPUs'}", flush=True)
+        path = launch(_train_one, plain, nproc, on_cpu)
+    else:
+        path = _train_one(plain)
     print(
         f"pipeline: {path}"
         if path
-        else f"stopped early with a checkpoint in {cfg.run_dir / 'checkpoints'}; rerun to resume"
+        else f"stopped early with a checkpoint in {plain.run_dir / 'checkpoints'}; rerun to resume"
     )
     return path

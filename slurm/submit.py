@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, UserError
 
 SUBMITTABLE = ("train", "sweep", "upload")
 
@@ -46,6 +46,11 @@ def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
     profile = load_profile(opts.cluster)
     submitted: list[launch.Submitted] = []
     if job == "train":
+        if getattr(cfg, "gpus", "auto") != "auto" or getattr(cfg, "processes", 0):
+            raise UserError(
+                "--gpus/--processes start processes on this machine; on SLURM the profile's gpus_per_node and "
+                "tasks decide (one task per GPU): leave them out, or use --nodes"
+            )
         nodes = opts.nodes or profile.nodes
         train = launch.submit_train(profile, cfg, nodes)
         print(launch.describe_train(cfg, train, nodes, profile), flush=True)
