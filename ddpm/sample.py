@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,16 @@ def sampler_settings(sampler: SchedulerMixin) -> dict:
     return {"class": type(sampler).__name__, **{k: config[k] for k in SETTINGS_THAT_MATTER if k in config}}
 
 
+def compile_unet(unet: UNet2DModel, device: torch.device) -> torch.nn.Module:
+    """The UNet under torch.compile for sampling. On CUDA with CUDA graphs ("reduce-overhead"): eager sampling of
+    these small UNets is bound by kernel launches (the CPU spent 8x the GPU's time in a profile of the digits
+    model at batch 256), and replaying a recorded graph removes them. Measured on an H200 at batch 256: 5.6x for
+    the digits model, 3x for the tutorial UNet at 64 px, after 30-60 s of compilation (docs/benchmarks.md)."""
+    return torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
 @torch.no_grad()
-def generate(
+def generate_batches(
     unet: UNet2DModel,
     sampler: SchedulerMixin,
     seeds: list[int],
@@ -103,12 +112,12 @@ def generate(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> np.ndarray:
-    """Images for the given seeds, as (N, H, W, 3) uint8."""
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(seeds, images as (n, H, W, 3) uint8) per batch, so that a caller can write each batch and forget it:
+    memory stays one batch deep whatever the number of images."""
     device = torch.device(device)
     res, channels = unet.config.sample_size, unet.config.in_channels
     takes_generator = "generator" in inspect.signature(sampler.step).parameters
-    out = []
     bar = tqdm(
         total=len(seeds) * steps,
         desc=f"sampling {len(seeds)} images",
@@ -129,9 +138,23 @@ def generate(
             kwargs = {"generator": generators} if takes_generator else {}
             x = sampler.step(pred.float(), t, x, **kwargs).prev_sample
             bar.update(len(chunk))
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        yield chunk, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     bar.close()
-    return np.concatenate(out)
+
+
+def generate(
+    unet: UNet2DModel,
+    sampler: SchedulerMixin,
+    seeds: list[int],
+    steps: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Images for the given seeds, as (N, H, W, 3) uint8, all in memory (see generate_batches to stream)."""
+    batches = generate_batches(unet, sampler, seeds, steps, batch_size, device, autocast_dtype, progress)
+    return np.concatenate([images for _, images in batches])
 
 
 def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2, cols: int = 0) -> Image.Image:
@@ -150,12 +173,15 @@ def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2, cols: int = 
 
 
 def save_images(images: np.ndarray, seeds: list[int], out_dir: Path, grid_images: int = 64) -> Path:
-    """One PNG per image named by its seed, plus grid.png of the first `grid_images`; returns the grid's path.
-    (A grid of all of them would be tens of GB for an FID-sized sample.)"""
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for img, seed in zip(images, seeds):
-        Image.fromarray(img).save(image_dir / f"seed-{seed:06d}.png")
+    """One PNG per image named by its seed, plus grid.png of the first `grid_images`; returns the grid's path."""
+    write_pngs(images, seeds, out_dir / "images")
     grid_path = out_dir / "grid.png"
     make_grid(images[:grid_images]).save(grid_path)
     return grid_path
+
+
+def write_pngs(images: np.ndarray, seeds: list[int], image_dir: Path) -> None:
+    """One PNG per image, named by its seed."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for img, seed in zip(images, seeds):
+        Image.fromarray(img).save(image_dir / f"seed-{seed:06d}.png")

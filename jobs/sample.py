@@ -24,6 +24,7 @@ class SampleConfig:
     out: str = ""  # output directory; "" means <pipeline>/../samples/<scheduler>-<steps>steps-seed<seed>
     device: str = "auto"  # auto: CUDA if present, else the CPU
     precision: Precision = "auto"  # see ddpm.device.resolve_placement
+    compile: bool = False  # torch.compile the UNet (CUDA graphs on a GPU): 3-5x faster, after 30-60 s of compiling
 
     def validate(self) -> None:
         from ddpm.sample import SAMPLERS
@@ -48,13 +49,16 @@ class SampleConfig:
 
 
 CONFIG = SampleConfig
+GRID_IMAGES = 64  # grid.png shows the first 64 images (a grid of 50,000 would be gigabytes)
 
 
 def run(cfg: SampleConfig) -> Path:
     """Write PNGs named by seed, grid.png and settings.json; returns the output directory."""
+    import numpy as np
+
     from ddpm.device import resolve_placement
     from ddpm.export import load_pipeline
-    from ddpm.sample import generate, make_sampler, sampler_settings, save_images
+    from ddpm.sample import compile_unet, generate_batches, make_grid, make_sampler, sampler_settings, write_pngs
 
     cfg.validate()
     pipe = load_pipeline(cfg.pipeline)
@@ -62,11 +66,16 @@ def run(cfg: SampleConfig) -> Path:
     unet = pipe.unet.to(placement.device).eval()
     sampler = make_sampler(cfg.scheduler, pipe.scheduler)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
-    images = generate(
-        unet, sampler, seeds, cfg.steps, cfg.batch_size, placement.device, placement.autocast_dtype, progress=True
-    )
     out = cfg.out_dir
-    grid = save_images(images, seeds, out, grid_images=len(images))  # what was asked for, as before
+    model = compile_unet(unet, placement.device) if cfg.compile else unet
+    batches = generate_batches(
+        model, sampler, seeds, cfg.steps, cfg.batch_size, placement.device, placement.autocast_dtype, progress=True
+    )
+    first: list[np.ndarray] = []  # the grid's images; the rest go to disk batch by batch (50,000 images fit)
+    for chunk, images in batches:
+        write_pngs(images, chunk, out / "images")
+        first += list(images[: GRID_IMAGES - len(first)])
+    make_grid(np.stack(first)).save(out / "grid.png")
     settings = {
         **asdict(cfg),
         "device": str(placement.device),
@@ -74,6 +83,6 @@ def run(cfg: SampleConfig) -> Path:
         "sampler": sampler_settings(sampler),
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
-    log.info("wrote %d images and %s", len(images), grid)
+    log.info("wrote %d images and %s", len(seeds), out / "grid.png")
     print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")
     return out

@@ -146,3 +146,37 @@ def test_every_scheduler_gives_the_same_images_from_every_entry_point(tiny_pipel
         from_generate = np.asarray(Image.open(generated / "images" / f"seed-{seed:06d}.png"))
         assert np.array_equal(from_sample, from_generate) and np.array_equal(from_sample, scored[k])
     assert scored.std() > 0 and not np.array_equal(scored[0], scored[1])  # a NaN sample would come out flat
+
+
+def test_many_images_go_to_disk_batch_by_batch_and_the_grid_shows_the_first_64(tiny_pipeline, tmp_path, monkeypatch):
+    import ddpm.sample
+
+    batches_alive = []  # how many batches of images the sampler had handed out while the job still held them
+    real = ddpm.sample.generate_batches
+
+    def watched(*args, **kwargs):
+        for chunk, images in real(*args, **kwargs):
+            batches_alive.append(len(chunk))
+            yield chunk, images
+
+    monkeypatch.setattr(ddpm.sample, "generate_batches", watched)
+    out = run(SampleConfig(pipeline=str(tiny_pipeline), scheduler="ddim", steps=2, num_images=70, batch_size=16,
+                           precision="fp32", out=str(tmp_path / "s")))  # fmt: skip
+    assert batches_alive == [16, 16, 16, 16, 6]  # five batches, streamed
+    assert len(list((out / "images").glob("seed-*.png"))) == 70
+    assert Image.open(out / "grid.png").size == (8 * 66 + 2, 8 * 66 + 2)  # 64 cells of 8 px upscaled to 64, padded
+    alone = generate(DDPMPipeline.from_pretrained(tiny_pipeline).unet, make_sampler("ddim", build_scheduler(
+        load_config(None, [*TINY_MODEL, "data.resolution=8"]).schedule)), [69], steps=2, batch_size=1)  # fmt: skip
+    written = np.asarray(Image.open(out / "images" / "seed-000069.png"))
+    assert np.abs(written.astype(int) - alone[0].astype(int)).max() <= 1  # the last, short batch is the same image
+
+
+@pytest.mark.slow  # torch.compile on a CPU takes a minute or more
+def test_compiled_sampling_gives_the_eager_images(tiny_pipeline, tmp_path):
+    kwargs = {"pipeline": str(tiny_pipeline), "steps": 3, "num_images": 4, "precision": "fp32"}
+    eager = run(SampleConfig(**kwargs, out=str(tmp_path / "e")))
+    compiled = run(SampleConfig(**kwargs, out=str(tmp_path / "c"), compile=True))
+    for seed in range(4):
+        a, b = (np.asarray(Image.open(d / "images" / f"seed-{seed:06d}.png")).astype(int) for d in (eager, compiled))
+        assert np.abs(a - b).max() <= 2  # fused kernels round differently, by a level or two at most
+    assert json.loads((compiled / "settings.json").read_text())["compile"] is True
