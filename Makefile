@@ -7,9 +7,10 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train sample test test-slow lint format bench bench-gpu submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
+.PHONY: help install test-cuda-variants train sample test test-slow lint format bench bench-gpu submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
 
 help:
+	@echo "make install [CUDA=12|13]                                 .venv from uv.lock; CUDA: 12 for drivers 525+ (default), 13 for 580+"
 	@echo "make train [CONFIG=configs/x.yaml] [ARGS='key=value ...']   train (resumes an existing run)"
 	@echo "make test                                                  the fast suite, on every core (under 10 min on 2 cores)"
 	@echo "make test-slow                                             the long variants: SLURM cluster, fault injection (CI runs both)"
@@ -23,7 +24,7 @@ help:
 	@echo "make cluster-up / cluster-down                             the local two-node SLURM cluster (root; slurm/dev/)"
 	@echo "make nightly-install CLUSTER=local NIGHTLY=slurm/nightly.yaml  nightly sweep of the newest checkpoints"
 	@echo "make test-reliability                                      the fault-injection suite with its long variants (20 kills in a row)"
-	@echo "make image [BASE_IMAGE=...] [CA_BUNDLE=pem]                  the OCI image ddpm:latest (docker, podman or buildah)"
+	@echo "make image [CUDA=12|13] [BASE_IMAGE=...] [CA_BUNDLE=pem]    the OCI image ddpm:latest (docker, podman or buildah)"
 	@echo "make sif                                                   ddpm.sif (Apptainer) from that image"
 	@echo "make image-test                                            build on a debootstrapped Debian base and smoke-run (root, buildah)"
 
@@ -31,11 +32,31 @@ help:
 	$(PYTHON) -m venv .uv-boot
 	.uv-boot/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 
-.venv/.synced: uv.lock pyproject.toml | $(if $(filter .uv-boot/bin/uv,$(UV)),.uv-boot/bin/uv)
-	$(UV) sync --frozen
-	@touch $@
+# The CUDA generation of torch (pyproject's extras cu12/cu13; README, "Which CUDA"). Given once, it is remembered
+# in .venv/.cuda for later targets; 12 (drivers 525+) unless told.
+CUDA ?= $(or $(shell cat .venv/.cuda 2>/dev/null),12)
+ifeq ($(filter 12 13,$(CUDA)),)
+$(error CUDA=$(CUDA): choose 12 (NVIDIA driver 525 or newer) or 13 (driver 580 or newer))
+endif
 
-install: .venv/.synced
+.venv/.synced-cu$(CUDA): uv.lock pyproject.toml | $(if $(filter .uv-boot/bin/uv,$(UV)),.uv-boot/bin/uv)
+	$(UV) sync --frozen --extra cu$(CUDA)
+	@rm -f .venv/.synced*; echo $(CUDA) > .venv/.cuda; touch $@
+
+install: .venv/.synced-cu$(CUDA)
+
+# Both CUDA generations install from uv.lock and train a few steps on the CPU, each in its own environment (CI).
+test-cuda-variants: $(if $(filter .uv-boot/bin/uv,$(UV)),.uv-boot/bin/uv)
+	@set -e; tmp=$$(mktemp -d); for c in 12 13; do \
+		UV_PROJECT_ENVIRONMENT=.venv-cu$$c $(UV) sync --frozen --no-dev --extra cu$$c; \
+		.venv-cu$$c/bin/python -c "import torch; print('CUDA=$$c: torch', torch.__version__, 'built for CUDA', torch.version.cuda)"; \
+		$(TEST_ENV) .venv-cu$$c/bin/ddpm train name=smoke-cu$$c runs_dir=$$tmp/runs data.cache_dir=$$tmp/cache \
+			train.max_steps=4 train.sample_images=4 train.sample_steps=2 tracking.wandb=false >$$tmp/cu$$c.log 2>&1 \
+			|| { tail -20 $$tmp/cu$$c.log; exit 1; }; \
+		.venv-cu$$c/bin/ddpm sample --pipeline $$tmp/runs/smoke-cu$$c/pipeline --num-images 4 --steps 2 >>$$tmp/cu$$c.log 2>&1 \
+			|| { tail -20 $$tmp/cu$$c.log; exit 1; }; \
+		echo "CUDA=$$c: trained 4 steps and sampled on the CPU"; \
+	done; rm -rf $$tmp
 
 train: install
 	.venv/bin/ddpm train $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
@@ -116,7 +137,7 @@ IMAGE ?= ddpm:latest
 # The first engine that answers (a docker client without a daemon does not count); evaluated only by these targets.
 ENGINE ?= $(shell for e in docker podman buildah; do command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
-BUILD_ARGS = --build-arg GIT_SHA=$(GIT_SHA) --build-arg LOCK_SHA256=$(shell sha256sum uv.lock | cut -d' ' -f1) \
+BUILD_ARGS = --build-arg CUDA=$(CUDA) --build-arg GIT_SHA=$(GIT_SHA) --build-arg LOCK_SHA256=$(shell sha256sum uv.lock | cut -d' ' -f1) \
 	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 

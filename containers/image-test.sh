@@ -64,11 +64,12 @@ log "built in $((SECONDS - start)) s"
 # 3. What the image promises: a non-root user, the labels, the entrypoint.
 config=$(buildah inspect --type image "$IMAGE" | python3 -c 'import json, sys; c = json.load(sys.stdin)["OCIv1"]["config"]
 print(c.get("User", "")); print(json.dumps(c.get("Entrypoint"))); print(c["Labels"].get("org.opencontainers.image.revision"))
-print(c["Labels"].get("ddpm.uv-lock.sha256"))')
-{ read -r user; read -r entry; read -r label_sha; read -r label_lock; } <<<"$config"
+print(c["Labels"].get("ddpm.uv-lock.sha256")); print(c["Labels"].get("ddpm.cuda"))')
+{ read -r user; read -r entry; read -r label_sha; read -r label_lock; read -r label_cuda; } <<<"$config"
 [[ $user == ddpm ]] || die "the image's user is '$user', not ddpm"
 [[ $entry == '["ddpm-entrypoint"]' ]] || die "entrypoint is $entry"
 [[ $label_sha == "$git_sha" && $label_lock == "$lock_sha" ]] || die "labels: revision $label_sha, lock $label_lock"
+[[ $label_cuda == 12 ]] || die "label ddpm.cuda is '$label_cuda': the default build argument CUDA is 12"
 
 # 3b. A code change (and a new commit) must not reinstall the dependencies: rebuild from a copy of the context
 # with one edited source file and a new GIT_SHA; the dependency layer has to come from the cache.
@@ -97,6 +98,8 @@ uid=$(run id -u)
 [[ $uid != 0 ]] || die "the smoke job runs as root"
 [[ ! -e $CA ]] || run sh -c '! test -e /run/secrets/ca' || die "the build's CA secret is in the image"
 run ddpm-entrypoint --help >/dev/null
+run python -c 'import torch; assert torch.version.cuda.startswith("12."), torch.version.cuda' \
+  || die "the default image's torch is not the CUDA 12 build"
 tiny=(name=smoke data.resolution=8 "model.block_out_channels=[16,32]" "model.down_block_types=[DownBlock2D,AttnDownBlock2D]"
       "model.up_block_types=[AttnUpBlock2D,UpBlock2D]" model.layers_per_block=1 model.norm_num_groups=8
       model.attention_head_dim=8 train.batch_size=16 train.max_steps=4 train.checkpoint_every=2 train.sample_images=4
