@@ -50,7 +50,8 @@ class ClusterProfile:
     signal: Literal["USR1", "USR2", "TERM"] = "USR2"  # sent `signal_lead_s` before the time limit: checkpoint, requeue
     signal_lead_s: int = 120
     max_requeues: int = 10  # time-limit and preemption requeues of one job before it gives up
-    dist_timeout_min: int = 60  # process-group time-out: covers rank 0 building the data cache alone
+    dist_timeout_min: int = 60  # process-group time-out: covers rank 0 building the data cache alone; ends hung ranks
+    kill_on_bad_exit: bool = True  # a training task that fails or is killed ends all tasks (srun --kill-on-bad-exit)
     sweep_gpus_per_task: int = 1  # sweep array tasks: GPUs each (0 on CPU clusters)
     sweep_cpus_per_task: int = 8
     sweep_parallel: int = 0  # array tasks running at once; 0: no limit of ours
@@ -130,6 +131,12 @@ def sbatch_parameters(
         }
         if gpus:
             params["gpus_per_node"] = gpus
+        if profile.kill_on_bad_exit:
+            # One task that exits with an error or is killed (a bad image on rank 0, an OOM kill, a lost node) ends
+            # the others at once (SIGTERM, then SIGKILL after slurm.conf's KillWait, 30 s by default) instead of
+            # leaving them in a collective until the process-group time-out (dist_timeout_min). NCCL needs this;
+            # gloo also notices a closed connection by itself.
+            params["srun_args"] = ["--kill-on-bad-exit=1"]
         if profile.mem_gb:
             params["mem"] = f"{int(profile.mem_gb)}GB"
     elif kind == "sweep":

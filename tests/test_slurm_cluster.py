@@ -220,3 +220,88 @@ def test_a_preempted_job_requeues_itself_and_ends_where_an_uninterrupted_one_doe
     ours = DDPMPipeline.from_pretrained(runs / "preempted" / "pipeline").unet.state_dict()
     theirs = DDPMPipeline.from_pretrained(reference / "pipeline").unet.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_bad_image_seen_by_rank_0_ends_every_rank_with_its_error(runs, tmp_path):
+    """Rank 0 decodes the data into the cache while rank 1 waits for it in a barrier: rank 0's error must end the
+    job promptly (not after the profile's 10-minute process-group time-out) and be the job's error."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (12, 12), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    start = time.monotonic()
+    r = submit(
+        "train",
+        "--cluster",
+        "local",
+        "--wait",
+        "name=bad-image",
+        f"runs_dir={runs}",
+        f"data.cache_dir={runs.parent / 'cache'}",
+        *TRAIN,
+        "data.source=folder",
+        f"data.path={folder}",
+        "data.on_bad_image=error",
+    )
+    elapsed = time.monotonic() - start
+    assert r.returncode == 1, r.stdout + r.stderr
+    job = job_ids(r.stdout)["train"]
+    assert scontrol(job)["JobState"] == "FAILED"
+    err = (runs / "bad-image" / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "broken.png: cannot decode image" in err
+    assert elapsed < 300, f"the job took {elapsed:.0f} s to end"
+    print(f"bad image on rank 0: submitted to FAILED in {elapsed:.0f} s")
+
+
+def _task_pid(job: str, rank: int) -> int | None:
+    """The pid of the Python process of task `rank` of a job (all "nodes" of the dev cluster share this machine's
+    process table)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
+            cmd = (proc / "cmdline").read_text()
+        except OSError:
+            continue
+        if (env.get("SLURM_JOB_ID"), env.get("SLURM_PROCID")) == (job, str(rank)) and "submitit" in cmd:
+            return int(proc.name)
+    return None
+
+
+def test_a_rank_killed_on_the_second_node_ends_the_job_and_the_rerun_resumes(trained, runs):
+    import signal
+
+    from slurm.launch import wait
+
+    args = ["name=killed", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN]
+    r = submit("train", "--cluster", "local", *args)
+    assert r.returncode == 0, r.stderr
+    job = job_ids(r.stdout)["train"]
+    metrics = runs / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # past the first checkpoint (step 100)
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if lines and json.loads(lines[-1])["step"] >= 120:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the job did not reach step 120 in 5 minutes")
+    pid = _task_pid(job, 1)
+    assert pid is not None, "no process of rank 1 found"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    states = wait([job], poll_s=2)
+    ended_after = time.monotonic() - killed
+    assert states[job] != "COMPLETED" and ended_after < 120, (states, ended_after)
+    print(f"rank 1 killed: job {states[job]} {ended_after:.0f} s later")
+    # The rerun (by hand, or the job's own requeue where the profile allows it) resumes from the checkpoint.
+    r = submit("train", "--cluster", "local", "--wait", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rerun = job_ids(r.stdout)["train"]
+    log = (runs / "killed" / "slurm" / rerun / f"{rerun}_0_log.out").read_text()
+    assert "resuming" in log and "step 100" in log.split("resuming", 1)[1].splitlines()[0], log[-2000:]
+    assert json.loads((runs / "killed" / "summary.json").read_text())["steps"] == 300

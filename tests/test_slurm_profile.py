@@ -185,3 +185,13 @@ def test_code_snapshot_takes_uncommitted_and_new_files_and_leaves_the_checkout_a
     assert described.startswith(git("rev-parse", "HEAD").strip() + "+dirty:")
     assert git("status", "--porcelain") == before, "the checkout and its index are untouched"
     assert launch.code_snapshot(tmp_path / "code")[0] == snap  # the same code, the same snapshot
+
+
+def test_a_failed_or_killed_training_task_ends_the_whole_step(tmp_path):
+    srun = [line for line in sbatch(load_profile("local"), "train") if line.startswith("srun")]
+    assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0].split()
+    profile = tmp_path / "p.yaml"
+    profile.write_text("partition: gpu\nkill_on_bad_exit: false\n")
+    srun = [line for line in sbatch(load_profile(str(profile)), "train") if line.startswith("srun")]
+    assert "--kill-on-bad-exit=1" not in srun[0]
+    assert not any("kill-on-bad-exit" in line for line in sbatch(load_profile("local"), "sweep"))
