@@ -47,6 +47,13 @@ def requeue(max_requeues: int, reason: str) -> None:
             f"cluster profile); submit it again to resume from its checkpoint"
         )
     job = os.environ["SLURM_JOB_ID"]
+    host_status = os.environ.get("DDPM_REQUEUE_BY_HOST")  # set by slurm/container_task.sh around a container
+    if host_status and int(os.environ.get("SLURM_PROCID", "0")) == 0:
+        # Inside a container there is no scontrol: leave with the status that asks the host side to requeue.
+        # (The checkpoint is written and every rank has left the process group; other ranks wait below.)
+        print(f"{reason}; asking the host side to requeue job {job} (attempt {restarts + 1})", flush=True)
+        sys.stderr.flush()
+        os._exit(int(host_status))
     if int(os.environ.get("SLURM_PROCID", "0")) == 0:
         try:
             r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
@@ -108,6 +115,8 @@ class SweepShardTask:
         from jobs import sweep
 
         _setup_logging()
+        if os.environ.get("DDPM_REQUEUE_BY_HOST"):
+            _requeue_from_host_on(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         sweep.run(dataclasses.replace(self.cfg, shard=f"{shard}/{self.num_shards}"), cells=self.cells)
         return f"shard {shard}/{self.num_shards} done"
 
@@ -115,6 +124,19 @@ class SweepShardTask:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, shard)
+
+
+def _requeue_from_host_on(signal_name: str) -> None:
+    """Inside a container, submitit's own requeue (`scontrol requeue` from the task) has no SLURM client: on the
+    warning signal, leave at once with the status that asks slurm/container_task.sh to requeue. Finished cells
+    are on disk (each written whole), and the requeued shard skips them."""
+    import signal
+
+    def leave(signum, frame):
+        print(f"signal {signal_name}: asking the host side to requeue job {os.environ.get('SLURM_JOB_ID')}", flush=True)
+        os._exit(int(os.environ["DDPM_REQUEUE_BY_HOST"]))
+
+    signal.signal(getattr(signal, f"SIG{signal_name}"), leave)
 
 
 class SweepMergeTask:

@@ -109,7 +109,7 @@ def _executor(
     ex = submitit.SlurmExecutor(
         folder=folder,
         max_num_timeout=profile.max_requeues,
-        python=python_command(profile, REPO / ".venv" / "bin" / "python", [Path(m) for m in mounts]),
+        python=python_command(profile, REPO / ".venv" / "bin" / "python", [Path(m) for m in mounts], code),
     )
     params = sbatch_parameters(profile, kind, nodes)  # type: ignore[arg-type]
     params["setup"] = [

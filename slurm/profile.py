@@ -22,7 +22,7 @@ NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 class Container:
     image: str = ""  # Apptainer image (.sif) on the shared filesystem; "" runs on the host
     binds: tuple[str, ...] = ()  # bind mounts, "src[:dst]"; the run, cache and code directories are added
-    runtime: str = "apptainer"  # apptainer or singularity
+    runtime: str = "apptainer"  # apptainer or singularity (or a command that takes `exec` the way they do)
 
 
 @dataclass
@@ -167,15 +167,25 @@ def sbatch_parameters(
     return params
 
 
-def python_command(profile: ClusterProfile, repo_python: Path, binds: list[Path]) -> str:
-    """The command submitit runs as python on the nodes: the host's python, or python inside the container."""
+def python_command(profile: ClusterProfile, repo_python: Path, binds: list[Path], code: Path | None = None) -> str:
+    """The command submitit runs as python on the nodes: the host's python, or python inside the container,
+    started by slurm/container_task.sh of the code snapshot `code` (it requeues from the host side)."""
     if not profile.container.image:
         return shlex.quote(profile.python or str(repo_python))
     c = profile.container
     mounts = [*c.binds, *(str(b) for b in binds)]
     nv = ["--nv"] if profile.gpus_per_node or profile.sweep_gpus_per_task else []
+    wrapper = ["sh", str(code / "slurm" / "container_task.sh")] if code else []
     return shlex.join(
-        [c.runtime, "exec", *nv, *(x for m in mounts for x in ("--bind", m)), c.image, profile.python or "python"]
+        [
+            *wrapper,
+            c.runtime,
+            "exec",
+            *nv,
+            *(x for m in mounts for x in ("--bind", m)),
+            c.image,
+            profile.python or "python",
+        ]
     )
 
 

@@ -305,3 +305,62 @@ def test_a_rank_killed_on_the_second_node_ends_the_job_and_the_rerun_resumes(tra
     log = (runs / "killed" / "slurm" / rerun / f"{rerun}_0_log.out").read_text()
     assert "resuming" in log and "step 100" in log.split("resuming", 1)[1].splitlines()[0], log[-2000:]
     assert json.loads((runs / "killed" / "summary.json").read_text())["steps"] == 300
+
+
+IMAGE = "localhost/ddpm:image-test"  # what `make image-test` builds (.ci/run builds it before these tests)
+
+
+@pytest.fixture(scope="module")
+def container_profile(tmp_path_factory) -> Path:
+    """The local profile with its Python inside a real container root file system that has no SLURM client: the
+    image of `make image-test`, entered with chroot (tests/chroot_runtime.sh stands in for apptainer)."""
+    if shutil.which("buildah") is None or subprocess.run(["buildah", "inspect", IMAGE], capture_output=True).returncode:
+        if os.environ.get("DDPM_REQUIRE_SLURM") == "1":
+            pytest.fail(f"no image {IMAGE}: run `make image-test` first (as .ci/run does)")
+        pytest.skip(f"no image {IMAGE} (make image-test)")
+    ctr = subprocess.run(["buildah", "from", "-q", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
+    rootfs = subprocess.run(["buildah", "mount", ctr], capture_output=True, text=True, check=True).stdout.strip()
+    assert not (Path(rootfs) / "usr/bin/scontrol").exists()
+    local = yaml.safe_load((Path(__file__).parents[1] / "slurm/clusters/local.yaml").read_text())
+    local["python"] = "/opt/venv/bin/python"
+    local["container"] = {
+        "image": rootfs,
+        "runtime": str(Path(__file__).parent / "chroot_runtime.sh"),
+        "binds": ["/etc/hosts"],  # the dev cluster's node names
+    }
+    path = tmp_path_factory.mktemp("profile") / "local-container.yaml"
+    path.write_text(yaml.safe_dump(local))
+    yield path
+    subprocess.run(["buildah", "umount", ctr], capture_output=True)
+    subprocess.run(["buildah", "rm", ctr], capture_output=True)
+
+
+def test_a_job_in_a_container_requeues_itself_from_the_host_side_and_resumes_exactly(trained, runs, container_profile):
+    reference, _ = trained
+    args = ["name=contained", f"runs_dir={runs}", f"data.cache_dir={runs.parent / 'cache'}", *TRAIN]
+    r = submit("train", "--cluster", str(container_profile), *args)
+    assert r.returncode == 0, r.stderr
+    job = job_ids(r.stdout)["train"]
+    metrics = runs / "contained" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if lines and json.loads(lines[-1])["step"] >= 60:
+            break
+        time.sleep(0.5)
+    else:
+        log = runs / "contained" / "slurm" / job / f"{job}_0_log.err"
+        pytest.fail("the job did not reach step 60 in 5 minutes: " + (log.read_text()[-3000:] if log.is_file() else ""))
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+
+    from slurm.launch import wait
+
+    assert wait([job], poll_s=3) == {job: "COMPLETED"}
+    assert scontrol(job)["Restarts"] == "1"
+    log = (runs / "contained" / "slurm" / job / f"{job}_0_log.out").read_text()
+    assert "asking the host side to requeue" in log and "accepted (from the host side)" in log and "resuming" in log
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(5, 301, 5))
+    ours = DDPMPipeline.from_pretrained(runs / "contained" / "pipeline").unet.state_dict()
+    theirs = DDPMPipeline.from_pretrained(reference / "pipeline").unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the same weights as the uninterrupted run

@@ -63,6 +63,9 @@ def test_gpu_profile_runs_one_task_per_gpu_and_keeps_the_big_options_off_cpu_job
         "/shared/images/ddpm.sif python"
     )
     assert python_command(load_profile("local"), Path("/repo/.venv/bin/python"), []) == "/repo/.venv/bin/python"
+    # with the code snapshot: the container runs under the wrapper that requeues from the host side
+    wrapped = python_command(profile, Path("/repo/.venv/bin/python"), [], Path("/runs/.code/abc"))
+    assert wrapped.startswith("sh /runs/.code/abc/slurm/container_task.sh apptainer exec --nv ")
 
 
 def test_the_profile_signal_replaces_submitits_usr2(tmp_path):
