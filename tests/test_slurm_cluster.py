@@ -364,3 +364,47 @@ def test_a_job_in_a_container_requeues_itself_from_the_host_side_and_resumes_exa
     ours = DDPMPipeline.from_pretrained(runs / "contained" / "pipeline").unet.state_dict()
     theirs = DDPMPipeline.from_pretrained(reference / "pipeline").unet.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the same weights as the uninterrupted run
+
+
+def test_a_sweep_shard_in_a_container_requeues_from_the_host_side_and_skips_its_done_cells(
+    trained, tmp_path, container_profile
+):
+    run_dir, _ = trained
+    spec = {
+        "name": "contained",
+        "out_dir": str(tmp_path / "sweeps"),
+        "models": [{"pipeline": str(run_dir / "pipeline")}],
+        "schedulers": ["ddpm"],
+        "steps": [200, 300, 400, 500, 600, 700],  # 2 to 5 s per cell on the dev cluster
+        "num_images": 8,
+        "batch_size": 8,
+        "grid_images": 4,
+        "metric": "digitsnet",
+        "device": "cpu",
+        "precision": "fp32",
+        "tracking": {"wandb": False},
+    }
+    config = tmp_path / "contained.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    r = submit("sweep", "--cluster", str(container_profile), "--config", str(config), "--shards", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = job_ids(r.stdout)
+    array = next(v for k, v in jobs.items() if k.startswith("sweep array"))
+    merge = next(v for k, v in jobs.items() if "merge" in k)
+    cells = tmp_path / "sweeps" / "contained" / "cells"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cells.rglob("row.json"))) < 1:
+        time.sleep(0.2)
+    done_before = len(list(cells.rglob("row.json")))
+    assert 1 <= done_before < 6, "the shard finished no cell (or all of them) before the signal"
+    subprocess.run(["scancel", "--signal=USR2", array], check=True)  # one shard: submitit submits a plain job
+
+    from slurm.launch import wait
+
+    assert wait([merge], poll_s=3) == {merge: "COMPLETED"}
+    assert scontrol(array)["Restarts"] == "1"
+    log = (tmp_path / "sweeps" / "contained" / "slurm" / array / f"{array}_0_log.out").read_text()
+    assert "asking the host side to requeue" in log and "accepted (from the host side)" in log
+    assert "already done; skipping them" in log
+    rows = json.loads((tmp_path / "sweeps" / "contained" / "results.json").read_text())
+    assert len(rows) == 6
