@@ -60,7 +60,7 @@ def stage_sampling_speed(model: str, resolution: int, batch: int, steps: int, ba
     placement = resolve_placement(device, "auto")
     # contiguous, as ddpm sample runs it: channels_last measured slower for eager sampling on an H200 (708 against
     # 664 img/s for the digits model, 201 against 157 for the tutorial UNet at 64 px)
-    unet = build_unet(cfg.model, resolution).to(device).eval()
+    unet = build_unet(cfg.model, resolution, cfg.data.image_channels).to(device).eval()
     forward = torch.compile(unet, mode=compile_mode) if compile_mode else unet  # .config reaches the UNet's
     sampler = make_sampler(DEFAULT_SAMPLER, build_scheduler(cfg.schedule))
     seeds = list(range(batch))

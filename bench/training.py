@@ -133,8 +133,8 @@ def train_flops_per_image(cfg) -> float:
 
     from ddpm.model import build_unet
 
-    unet = build_unet(cfg.model, cfg.data.resolution)
-    x = torch.randn(2, 3, cfg.data.resolution, cfg.data.resolution)
+    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.image_channels)
+    x = torch.randn(2, cfg.data.image_channels, cfg.data.resolution, cfg.data.resolution)
     with FlopCounterMode(display=False) as counter:
         unet(x, torch.tensor([10, 500])).sample.sum().backward()
     return counter.get_total_flops() / 2

@@ -77,7 +77,7 @@ class BatchLoader:
 def to_model_input(
     batch: torch.Tensor, device: torch.device, random_flip: bool, generator: torch.Generator
 ) -> torch.Tensor:
-    """uint8 (B, H, W, 3) on the host -> float (B, 3, H, W) in [-1, 1] on the device, flipped at random."""
+    """uint8 (B, H, W, C) on the host -> float (B, C, H, W) in [-1, 1] on the device, flipped at random."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     if random_flip:
         flip = torch.rand(x.shape[0], 1, 1, 1, device=device, generator=generator) < 0.5

@@ -44,12 +44,18 @@ class DataConfig:
     split: str = "train"  # split of a Hugging Face dataset
     image_column: str = "image"  # column holding the images in a Hugging Face dataset
     resolution: int = 16  # side of the square training images, in pixels
+    channels: Literal[0, 1, 3] = 0  # 1: grey, 3: RGB; 0: the source's (1 for the digits, 3 for folders and datasets)
     center_crop: bool = True  # crop to a centred square before resizing (else squash)
     random_flip: bool = False  # random horizontal flip per batch (off for digits: mirrored digits are not digits)
     on_bad_image: Literal["error", "skip"] = "error"  # corrupt file: stop naming it, or skip and count it
     cache_dir: str = ""  # decoded-image cache; "" means $DDPM_CACHE or ~/.cache/ddpm
     shard_size: int = 8192  # images per memory-mapped cache shard
     max_image_pixels: int = 89_478_485  # larger images are refused undecoded (PIL's decompression-bomb limit)
+
+    @property
+    def image_channels(self) -> int:
+        """1 or 3: what the cache stores and the UNet takes and predicts."""
+        return self.channels or (1 if self.source == "digits" else 3)
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 Sources: the embedded digits (scikit-learn's 1,797 handwritten 8x8 digits, no network), a local
 folder of images in any format PIL reads, or a Hugging Face dataset (hub name or save_to_disk
-folder). Each source is decoded once into `<cache>/<key>/shard-*.npy` (N, H, W, 3) uint8, where
-the key hashes the source, the resolution and the preprocessing; later epochs and runs memory-map
-the shards, so a dataset larger than RAM streams from disk and a rank reads only its own batches
-(ddpm.batches: the order, the loader, and flip and scaling on the training device).
+folder). Each source is decoded once (ddpm.images) into `<cache>/<key>/shard-*.npy`, (N, H, W, C)
+uint8 with C = 1 (grey) or 3 (RGB), where the key hashes the source, the resolution, the channels
+and the preprocessing; later epochs and runs memory-map the shards, so a dataset larger than RAM
+streams from disk and a rank reads only its own batches (ddpm.batches: the order, the loader, and
+flip and scaling on the training device).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
 from ddpm.files import unique_suffix
+from ddpm.images import BadImageError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -49,63 +51,10 @@ IMAGE_SUFFIXES = {
 }
 
 
-class BadImageError(UserError):
-    """An image file that cannot be decoded, or that is refused (too large)."""
-
-
 def cache_root(cfg: DataConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
     return Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")) / "datasets"
-
-
-# --------------------------------------------------------------------------------------
-# Decoding one image.
-
-
-def decode_image(
-    read: Callable[[], Image.Image], name: str, resolution: int, center_crop: bool, max_pixels: int
-) -> tuple[np.ndarray, bool]:
-    """Decode to an RGB (resolution, resolution, 3) uint8 array; returns it and whether it was upsampled."""
-    try:
-        im = read()
-        w, h = im.size
-        if w * h > max_pixels:  # checked on the header, before any pixel is decoded
-            raise BadImageError(
-                f"{name}: {w}x{h} pixels exceeds data.max_image_pixels={max_pixels} (decompression-bomb guard)"
-            )
-        if getattr(im, "is_animated", False):
-            im.seek(0)  # animated GIF/WebP: the first frame
-        if im.format == "JPEG":
-            im.draft("RGB", (resolution, resolution))  # decode huge JPEGs at a reduced scale
-        im.load()
-        rgb = _to_rgb(im)
-    except BadImageError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt, truncated or unsupported files
-        raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
-    w, h = rgb.size
-    upsampled = min(w, h) < resolution
-    if center_crop:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        rgb = rgb.crop((left, top, left + side, top + side))
-    rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8), upsampled
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16/32-bit grayscale: rescale, don't clip
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent areas become white, not black
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------
@@ -204,7 +153,7 @@ def _source(cfg: DataConfig) -> tuple[dict, list[tuple[str, Callable[[], Image.I
 
 @dataclass
 class ImageCache:
-    """Memory-mapped (N, H, W, 3) uint8 shards; `take` gathers any set of rows."""
+    """Memory-mapped (N, H, W, C) uint8 shards (C = 1 grey or 3 RGB); `take` gathers any set of rows."""
 
     path: Path
     shards: list[np.ndarray]
@@ -217,10 +166,14 @@ class ImageCache:
     def resolution(self) -> int:
         return self.meta["resolution"]
 
+    @property
+    def channels(self) -> int:
+        return self.meta.get("channels", 3)
+
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows in the given order; each shard is read with sorted indices, touching only those pages."""
         size = self.meta["shard_size"]
-        out = np.empty((len(indices), self.resolution, self.resolution, 3), dtype=np.uint8)
+        out = np.empty((len(indices), self.resolution, self.resolution, self.channels), dtype=np.uint8)
         shard_of = indices // size
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
@@ -236,6 +189,7 @@ def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
     key_fields = dict(
         spec,
         resolution=cfg.resolution,
+        channels=cfg.image_channels,
         center_crop=cfg.center_crop,
         on_bad_image=cfg.on_bad_image,
         max_image_pixels=cfg.max_image_pixels,
@@ -264,14 +218,14 @@ def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, sho
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     res, size = cfg.resolution, cfg.shard_size
-    buffer = np.empty((min(size, len(items)), res, res, 3), dtype=np.uint8)
+    buffer = np.empty((min(size, len(items)), res, res, cfg.image_channels), dtype=np.uint8)
     filled, count, num_shards, upsampled = 0, 0, 0, 0
     skipped: list[str] = []
 
     def decode(item: tuple[str, Callable]) -> tuple[str, np.ndarray | None, bool | str]:
         name, read = item
         try:
-            array, up = decode_image(read, name, res, cfg.center_crop, cfg.max_image_pixels)
+            array, up = decode_image(read, name, res, cfg.center_crop, cfg.max_image_pixels, cfg.image_channels)
             return name, array, up
         except BadImageError as e:
             return name, None, str(e)

@@ -65,7 +65,9 @@ class DigitsNet(nn.Module):
 
 
 def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    from ddpm.images import as_rgb
+
+    return torch.from_numpy(np.ascontiguousarray(as_rgb(images))).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def digits_feature_net(resolution: int, cache_dir: Path) -> DigitsNet:
@@ -235,6 +237,7 @@ def reference_data(spec: str, resolution: int, run_dir: Path | None = None) -> D
 def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarray:
     """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk."""
     from ddpm.data import cache_root, open_cache
+    from ddpm.images import as_rgb
 
     cache = open_cache(data)
     n = len(cache) if num_images <= 0 else min(num_images, len(cache))
@@ -250,7 +253,7 @@ def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarr
     for i in tqdm(
         range(0, n, 1000), desc=f"reference features ({space.name}, {n} images)", unit="chunk", mininterval=1.0
     ):
-        chunks.append(space(cache.take(indices[i : i + 1000])))
+        chunks.append(space(as_rgb(cache.take(indices[i : i + 1000]))))
     feats = np.concatenate(chunks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp.npy")

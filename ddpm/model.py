@@ -7,11 +7,12 @@ from diffusers import UNet2DModel
 from ddpm.config import ModelConfig
 
 
-def build_unet(cfg: ModelConfig, resolution: int) -> UNet2DModel:
+def build_unet(cfg: ModelConfig, resolution: int, channels: int = 3) -> UNet2DModel:
+    """channels: 1 for grey images (data.channels), 3 for RGB."""
     return UNet2DModel(
         sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=cfg.layers_per_block,
         block_out_channels=cfg.block_out_channels,
         down_block_types=cfg.down_block_types,

@@ -114,7 +114,8 @@ def generate_batches(
     progress: bool = False,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(seeds, images as (n, H, W, 3) uint8) per batch, so that a caller can write each batch and forget it:
-    memory stays one batch deep whatever the number of images."""
+    memory stays one batch deep whatever the number of images. A grey (one-channel) model's images come with three
+    equal channels, so that grids, PNGs and metrics see one format."""
     device = torch.device(device)
     res, channels = unet.config.sample_size, unet.config.in_channels
     takes_generator = "generator" in inspect.signature(sampler.step).parameters
@@ -138,7 +139,8 @@ def generate_batches(
             kwargs = {"generator": generators} if takes_generator else {}
             x = sampler.step(pred.float(), t, x, **kwargs).prev_sample
             bar.update(len(chunk))
-        yield chunk, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        yield chunk, np.repeat(images, 3, axis=-1) if channels == 1 else images  # grey models: equal channels
     bar.close()
 
 

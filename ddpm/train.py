@@ -155,7 +155,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
     # Model, noise, optimizer, EMA. Same seed on every rank, so every rank starts from the same weights.
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.model, cfg.data.resolution)
+    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.image_channels)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # see to_model_input
@@ -172,7 +172,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     )
     ema = EMA(unet.parameters(), max_decay=o.ema_decay, power=o.ema_power)
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
-    sample_unet = build_unet(cfg.model, cfg.data.resolution).to(device).eval() if is_main else None
+    channels = cfg.data.image_channels
+    sample_unet = build_unet(cfg.model, cfg.data.resolution, channels).to(device).eval() if is_main else None
     # From here the global RNG (dropout) differs per rank, and is saved and restored with the checkpoints.
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, 1]).generate_state(1)[0]))
     model = torch.compile(unet) if t.compile else unet

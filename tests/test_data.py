@@ -6,6 +6,7 @@ so the tests need no network and leave nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -97,18 +98,38 @@ def digits_cfg(tmp_path_factory) -> DataConfig:
     return cfg
 
 
-def test_digits_cache_has_1797_rgb_uint8_images_at_resolution(digits_cfg):
+def test_digits_cache_has_1797_grey_uint8_images_at_resolution(digits_cfg):
     cache = open_quiet(digits_cfg)
     assert len(cache) == 1797 and cache.meta["count"] == 1797
-    assert cache.resolution == 8
+    assert cache.resolution == 8 and cache.channels == 1  # data.channels 0: the digits' own, grey
     images = cache.take(np.arange(1797))
-    assert images.shape == (1797, 8, 8, 3) and images.dtype == np.uint8
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
     assert sum(s.shape[0] for s in cache.shards) == 1797
-    assert all(s.shape[1:] == (8, 8, 3) and s.dtype == np.uint8 for s in cache.shards)
-    # Grey ink on white paper: channels equal, the blank border white, the strokes dark.
-    assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])
+    assert all(s.shape[1:] == (8, 8, 1) and s.dtype == np.uint8 for s in cache.shards)
+    # Grey ink on white paper: the blank border white, the strokes dark.
     assert images[:, 0, 0].min() == 255
     assert images.min() == 0
+
+
+def test_channels_3_caches_the_digits_as_rgb_with_equal_channels_under_another_key(digits_cfg):
+    grey = open_quiet(digits_cfg)
+    rgb = open_quiet(dataclasses.replace(digits_cfg, channels=3))
+    assert rgb.path != grey.path and rgb.channels == 3
+    images = rgb.take(np.arange(20))
+    assert images.shape == (20, 8, 8, 3)
+    assert np.array_equal(images[..., 0], images[..., 2]) and np.array_equal(images[..., :1], grey.take(np.arange(20)))
+
+
+def test_a_folder_of_colour_images_cached_grey_is_the_luma(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(folder / "red.png")
+    cfg = DataConfig(source="folder", path=str(folder), resolution=8, channels=1, cache_dir=str(tmp_path / "c"))
+    images = open_quiet(cfg).take(np.arange(1))
+    assert images.shape == (1, 8, 8, 1) and images[0, 0, 0, 0] == 76  # ITU-R 601: 0.299 * 255
+    assert open_quiet(dataclasses.replace(cfg, channels=0)).channels == 3  # a folder's own: RGB
 
 
 def test_digits_second_open_reuses_cache_dir_without_rewriting_memmapped_shards(digits_cfg):
