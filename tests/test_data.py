@@ -111,10 +111,10 @@ def test_digits_cache_has_1797_grey_uint8_images_at_resolution(digits_cfg):
     assert images.min() == 0
 
 
-def test_channels_3_caches_the_digits_as_rgb_with_equal_channels_under_another_key(digits_cfg):
+def test_channels_3_caches_the_digits_as_rgb_with_equal_channels_under_another_key(digits_cfg, tmp_path):
     grey = open_quiet(digits_cfg)
-    rgb = open_quiet(dataclasses.replace(digits_cfg, channels=3))
-    assert rgb.path != grey.path and rgb.channels == 3
+    rgb = open_quiet(dataclasses.replace(digits_cfg, channels=3, cache_dir=str(tmp_path)))  # beside it: other tests
+    assert rgb.path.name != grey.path.name and rgb.channels == 3  # count the directories of digits_cfg's cache
     images = rgb.take(np.arange(20))
     assert images.shape == (20, 8, 8, 3)
     assert np.array_equal(images[..., 0], images[..., 2]) and np.array_equal(images[..., :1], grey.take(np.arange(20)))
