@@ -108,6 +108,13 @@ class TrainConfig:
     sample_images: int = 64  # images in a sample grid (fixed seeds 0..n-1)
     sample_scheduler: str = DEFAULT_SAMPLER  # sampler for the grids (see ddpm.sample.SAMPLERS)
     sample_steps: int = DEFAULT_STEPS  # sampler steps for the grids
+    # In-training evaluation: the EMA weights sampled with sample_scheduler/sample_steps and seeds 0..n-1 (the seeds
+    # of `ddpm evaluate --seed 0`, so the two agree) and scored against the training data; logged as eval/<metric>.
+    eval_every: int = 500  # optimizer steps between evaluations (and one at the end); 0: off
+    eval_images: int = 500  # images per evaluation, spread over all processes
+    eval_metric: Literal["auto", "inception", "digitsnet"] = "auto"  # auto: FID/KID when the Inception weights are
+    # on this machine (cache, DDPM_INCEPTION_WEIGHTS or the image's copy), else the offline FD/KD-digitsnet
+    eval_reference_images: int = 10_000  # training images in the reference statistics (a fixed random subset)
 
 
 @dataclass
@@ -231,6 +238,12 @@ def validate_config(cfg: Config) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_images", "sample_steps"):
         need(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     need(t.sample_every >= 0, f"train.sample_every must be non-negative, got {t.sample_every}")
+    need(t.eval_every >= 0, f"train.eval_every must be non-negative, got {t.eval_every}")
+    need(
+        t.eval_every == 0 or t.eval_images >= 2,
+        f"train.eval_images: FID/KID need at least 2 images, got {t.eval_images}",
+    )
+    need(t.eval_reference_images >= 2, f"train.eval_reference_images must be at least 2, got {t.eval_reference_images}")
     from ddpm.sample import SAMPLERS  # local: sample.py imports diffusers
 
     need(

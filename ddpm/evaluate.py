@@ -92,7 +92,7 @@ class Evaluator:
 
     def _reference_features(self, model_path: str, resolution: int) -> tuple[np.ndarray, str]:
         from ddpm.export import run_dir_of
-        from ddpm.metrics import feature_space, reference_data, reference_features
+        from ddpm.metrics import describe_reference, feature_space, reference_data, reference_features
 
         s = self.scoring
         data = reference_data(s.reference, resolution, run_dir_of(model_path))
@@ -103,13 +103,7 @@ class Evaluator:
                     s.metric, resolution, self.placement.device, s.inception_weights
                 )
             space = self._spaces[resolution]
-            described = {"digits": "digits", "folder": f"folder:{data.path}", "hf": f"hf:{data.path}:{data.split}"}[
-                data.source
-            ]
-            self._reference[key] = (
-                reference_features(space, data, s.reference_images),
-                f"{described} at {resolution}px",
-            )
+            self._reference[key] = (reference_features(space, data, s.reference_images), describe_reference(data))
         return self._reference[key]
 
     def sample(
@@ -194,3 +188,69 @@ class Evaluator:
                 }
             )
         return row
+
+
+def training_metric(requested: str) -> str:
+    """train.eval_metric "auto": FID/KID when the Inception weights are already on this machine (a training job
+    never waits on a download), else the offline FD/KD-digitsnet."""
+    if requested != "auto":
+        return requested
+    import os
+
+    from ddpm.inception import WEIGHTS_FILE, weights_cache_dir
+
+    places = [
+        os.environ.get("DDPM_INCEPTION_WEIGHTS", ""),
+        str(weights_cache_dir() / WEIGHTS_FILE),
+        str(Path(os.environ.get("DDPM_BUNDLED_WEIGHTS", "/nonexistent")) / WEIGHTS_FILE),
+    ]
+    return "inception" if any(p and Path(p).is_file() for p in places) else "digitsnet"
+
+
+class TrainingEvaluator:
+    """Scores the EMA weights during training. Every process samples its share of the seeds (seed k goes to process
+    k mod world) and embeds them in the feature space; the features (a few KB per image, not the images) are
+    gathered by seed, so the score is the one `ddpm evaluate --seed 0` gives for the same weights, whatever the
+    number of processes. The reference statistics are computed once, by the main process."""
+
+    def __init__(self, data, num_images: int, reference_images: int, metric: str, accelerator) -> None:
+        import dataclasses
+
+        from ddpm.metrics import describe_reference, feature_space, reference_features
+
+        self.accelerator = accelerator
+        self.metric = training_metric(metric)
+        self.seeds = image_seeds(0, num_images)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.mine = self.seeds[rank::world]
+        with accelerator.main_process_first():  # the first process trains (or fetches) the feature net alone
+            self.space = feature_space(self.metric, data.resolution, accelerator.device)
+        reference = dataclasses.replace(data, random_flip=False)
+        self.reference, self.reference_data = None, describe_reference(reference)
+        if accelerator.is_main_process:
+            self.reference = reference_features(self.space, reference, reference_images)
+
+    def __call__(self, unet, sampler, steps: int, batch_size: int, autocast_dtype) -> dict[str, Any] | None:
+        """The scores on the main process (None elsewhere); every process must call it at the same step."""
+        import numpy as np
+        from accelerate.utils import gather_object
+
+        from ddpm.metrics import distances
+        from ddpm.sample import generate
+
+        device = self.accelerator.device
+        start = time.perf_counter()
+        images = generate(unet, sampler, self.mine, steps, batch_size, device, autocast_dtype)
+        parts = gather_object([(self.mine, self.space(images))])
+        if not self.accelerator.is_main_process:
+            return None
+        by_seed = {s: f for seeds, feats in parts for s, f in zip(seeds, feats)}
+        generated = np.stack([by_seed[s] for s in self.seeds])
+        return {
+            **distances(self.metric, generated, self.reference),
+            "metric": self.metric,
+            "num_images": len(self.seeds),
+            "reference_images": len(self.reference),
+            "reference_data": self.reference_data,
+            "seconds": time.perf_counter() - start,
+        }

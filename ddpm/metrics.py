@@ -234,6 +234,12 @@ def reference_data(spec: str, resolution: int, run_dir: Path | None = None) -> D
     return dataclasses.replace(data, resolution=resolution, random_flip=False)
 
 
+def describe_reference(data: DataConfig) -> str:
+    """The reference dataset in a result row: the same words for the same data, whoever scored."""
+    where = {"digits": "digits", "folder": f"folder:{data.path}", "hf": f"hf:{data.path}:{data.split}"}[data.source]
+    return f"{where} at {data.resolution}px"
+
+
 def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarray:
     """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk."""
     from ddpm.data import cache_root, open_cache

@@ -99,6 +99,13 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def define_best(self, keys: list[str]) -> None:
+        """The run summary keeps the lowest value of these keys (not the last): the W&B project table then sorts
+        runs by their best score."""
+        if self.run is not None:
+            for key in keys:
+                self.run.define_metric(key, summary="min")
+
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         if self.run is not None:
             import wandb

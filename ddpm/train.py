@@ -33,12 +33,15 @@ from ddpm.data import open_cache
 from ddpm.device import resolve_placement
 from ddpm.ema import EMA
 from ddpm.errors import RunStopped
+from ddpm.evaluate import TrainingEvaluator
 from ddpm.export import export_pipeline
 from ddpm.files import write_json
 from ddpm.lock import RunLock
+from ddpm.metrics import METRICS
 from ddpm.model import architecture, build_unet
 from ddpm.sample import generate, make_grid, make_sampler
 from ddpm.schedule import NoiseProcess, build_scheduler
+from ddpm.scores import append_score
 from ddpm.tracking import Tracker, run_metadata
 
 log = logging.getLogger(__name__)
@@ -173,7 +176,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     ema = EMA(unet.parameters(), max_decay=o.ema_decay, power=o.ema_power)
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     channels = cfg.data.image_channels
-    sample_unet = build_unet(cfg.model, cfg.data.resolution, channels).to(device).eval() if is_main else None
+    # The EMA weights are copied into this UNet for grids (main process) and evaluations (every process).
+    needs_ema_unet = is_main or t.eval_every > 0
+    sample_unet = build_unet(cfg.model, cfg.data.resolution, channels).to(device).eval() if needs_ema_unet else None
     # From here the global RNG (dropout) differs per rank, and is saved and restored with the checkpoints.
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, 1]).generate_state(1)[0]))
     model = torch.compile(unet) if t.compile else unet
@@ -209,6 +214,11 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         cfg.tracking, run_dir, cfg.run_name, run_info, group=cfg.run_name, enabled=is_main, resume_step=step
     )
     sampler = make_sampler(t.sample_scheduler, scheduler)
+    autocast_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+    evaluator = None
+    if t.eval_every:
+        evaluator = TrainingEvaluator(cfg.data, t.eval_images, t.eval_reference_images, t.eval_metric, accelerator)
+        tracker.define_best([f"eval/{c}" for c in METRICS[evaluator.metric][:2]])
 
     def sample_grid(tag: str) -> Path:
         """A grid from the EMA weights with seeds 0..n-1, the same noise in every run."""
@@ -220,7 +230,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             t.sample_steps,
             batch_size=64,
             device=device,
-            autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+            autocast_dtype=autocast_dtype,
         )
         path = run_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(exist_ok=True)
@@ -232,6 +242,23 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}",
         )
         return path
+
+    def evaluate() -> None:
+        """Score the EMA weights on every process; the main process logs the score and keeps it in scores.jsonl."""
+        ema.copy_to(sample_unet.parameters())
+        scores = evaluator(sample_unet, sampler, t.sample_steps, t.batch_size, autocast_dtype)
+        if scores is None:
+            return
+        fd, kd = METRICS[scores["metric"]][:2]
+        tracker.log({f"eval/{fd}": scores[fd], f"eval/{kd}": scores[kd], "eval/seconds": scores["seconds"]}, step)
+        # The EMA at this step has no fingerprint of its own (the checkpoint, if any, is written after): the step
+        # and the run directory name it.
+        append_score(
+            run_dir,
+            {**scores, "step": step, "model_fingerprint": "", "scheduler": t.sample_scheduler,
+             "steps": t.sample_steps, "seed": 0, "source": "training"},
+        )  # fmt: skip
+        log.info("step %d: %s %.4g (%d images, %.1f s)", step, fd, scores[fd], scores["num_images"], scores["seconds"])
 
     def checkpoint() -> None:
         position = {"step": step, "epoch": epoch, "batch": batch, "batch_size": t.batch_size, "seed": cfg.seed}
@@ -324,6 +351,12 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             # Sample grid from the EMA weights, with fixed seeds.
             if is_main and t.sample_every and step % t.sample_every == 0 and step != total:
                 sample_grid(f"step-{step:08d}")
+
+            # Score the EMA weights (every process samples a share).
+            if evaluator is not None and (step % t.eval_every == 0 or step == total):
+                eval_start = time.perf_counter()
+                evaluate()
+                window_start += time.perf_counter() - eval_start  # images_per_sec counts training only
 
             # Save a checkpoint.
             if step % t.checkpoint_every == 0 or step == total or step == leave_at:

@@ -6,6 +6,7 @@ It calls the same scorer as every sweep cell (ddpm.evaluate.Evaluator): same sam
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,8 +92,13 @@ def run(cfg: EvaluateConfig) -> dict:
         **scores,
     }
     write_json(out, row)
+    step = training_step(path, run_dir)
+    if step is not None:  # a model of a training run: its score belongs to that run too
+        from ddpm.scores import append_score
+
+        append_score(run_dir, {**row, "step": step, "source": "evaluate"})
     if cfg.wandb:
-        _track(cfg, run_dir, out.parent / out.stem, row)
+        _track(cfg, run_dir, out.parent / out.stem, {**row, "step": step})
     shown = "\n".join(f"{k}: {row[k]:.6g}" for k in metric_columns(cfg.metric))
     print(
         f"{row['num_images']} images ({cfg.scheduler}, {cfg.steps} steps, seed {cfg.seed}) "
@@ -102,23 +108,42 @@ def run(cfg: EvaluateConfig) -> dict:
     return {**row, "out": str(out)}
 
 
+def training_step(model: Path, run_dir: Path) -> int | None:
+    """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
+    model outside a run directory."""
+    from ddpm.evaluate import checkpoint_step
+
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    if (step := checkpoint_step(model)) is not None:
+        return step
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if model.name == "pipeline" else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None:
-    from ddpm.config import TrackingConfig, load_config
+    from ddpm.config import TrackingConfig, load_config, to_dict
     from ddpm.metrics import metric_columns
     from ddpm.tracking import Tracker, run_metadata
 
     try:
         run_cfg = load_config(run_dir / "config.yaml")
         tracking, group = run_cfg.tracking, run_cfg.tracking.group or run_cfg.run_name
+        training = to_dict(run_cfg)
     except Exception:  # a pipeline outside a run directory
-        tracking, group = TrackingConfig(), run_dir.name
+        tracking, group, training = TrackingConfig(), run_dir.name, {}
     if not tracking.wandb:
         return
     name = f"{group}-evaluate-{cfg.metric}"
-    # One W&B run per evaluation output (its id kept beside its images): rerunning it updates that run.
-    tracker = Tracker(
-        tracking, out_dir, name, {"evaluate": asdict(cfg), "run": run_metadata()}, job_type="evaluate", group=group
-    )
+    # One W&B run per evaluation output (its id kept beside its images), in the training run's group and carrying
+    # its whole config, so the project table sorts and plots scores against any training setting. Not the training
+    # run itself: it may still be running, and two processes writing one W&B run conflict.
+    config = {**training, "evaluate": asdict(cfg), "run": run_metadata(), "checkpoint_step": row.get("step")}
+    tracker = Tracker(tracking, out_dir, name, config, job_type="evaluate", group=group)
+    if row.get("step") is not None:  # the score at its training step, under the in-training evaluation's names
+        tracker.log({f"eval/{k}": row[k] for k in metric_columns(cfg.metric)[:2]}, row["step"])
     tracker.summarize(
         {k: row[k] for k in [*metric_columns(cfg.metric), "num_images", "seed", "steps", "scheduler"] if k in row}
     )

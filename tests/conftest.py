@@ -46,6 +46,7 @@ def tiny_overrides(runs_dir: Path, cache: Path, *extra: str, name: str = "tiny")
         "train.sample_every=0",
         "train.sample_images=4",
         "train.sample_steps=2",
+        "train.eval_every=0",  # tests of in-training evaluation turn it on
         "train.mixed_precision=fp32",
         "optim.warmup_steps=2",
         "tracking.wandb=false",
