@@ -7,7 +7,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test-cuda-variants train sample test test-slow lint format bench bench-gpu submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
+.PHONY: help browser install test-cuda-variants train sample test test-slow lint format bench bench-gpu submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
 
 help:
 	@echo "make install [CUDA=12|13]                                 .venv from uv.lock; CUDA: 12 for drivers 525+ (default), 13 for 580+"
@@ -70,6 +70,12 @@ TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: install
 	$(TEST_ENV) .venv/bin/python -m pytest -n $(WORKERS) $(PYTEST_ARGS)
+
+# Headless Chromium, for the test that opens a `ddpm compare` report as a browser does (apt-get, as root; CI runs it).
+browser:
+	@command -v chromium >/dev/null || { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+		apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null; }
+	@chromium --version
 
 # The long variants (marked slow): the SLURM cluster tests (make cluster-up first) and multi-minute fault injection.
 test-slow: install

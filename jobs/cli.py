@@ -1,6 +1,6 @@
 """The `ddpm` console script: builds a job's typed config from the command line and calls the job's `run(cfg)`.
 
-    ddpm <job> [--config FILE] [--flag VALUE ...] [key=value ...]      train, sample, sweep, evaluate, upload, generate
+    ddpm <job> [--config FILE] [--flag VALUE ...] [key=value ...]   train, sample, sweep, evaluate, compare, upload, ...
     ddpm submit <job> --cluster PROFILE [--wait] [job's flags and key=value ...]   train, sweep, upload on SLURM
 
 Every flag and the `--help` of a job are generated from its config dataclass (ddpm.typed_config), so a
@@ -24,7 +24,7 @@ from ddpm.typed_config import add_arguments, flag_values, load_job_config
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # checkpoint written on SIGTERM/SIGUSR2; rerun (or requeue) to resume
-JOBS = ("train", "sample", "sweep", "evaluate", "upload", "generate", "doctor")
+JOBS = ("train", "sample", "sweep", "evaluate", "compare", "upload", "generate", "doctor")
 
 
 def job_module(name: str) -> ModuleType:

@@ -1,0 +1,217 @@
+"""A comparison of training runs as one self-contained HTML page, built from the run directories alone.
+
+One HTML file with its pictures embedded (base64 PNGs): it is a single file to copy off a cluster that has no W&B
+access, it opens in any browser with no network and no server, and it cannot lose its pictures on the way. It shows
+the runs' loss and quality curves on shared axes, the config keys that differ, each run's best score, and the newest
+sample grid of each run side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddpm.errors import UserError
+from ddpm.scores import headline, read_scores
+
+
+@dataclass
+class Run:
+    """What the report shows of one run directory."""
+
+    label: str
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]  # metrics.jsonl: loss, lr, ... per logged step
+    scores: list[dict[str, Any]]  # scores.jsonl, newest line per key
+    grid: Path | None  # the newest samples/step-*.png
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill
+                continue
+    return rows
+
+
+def load_run(path: Path, label: str) -> Run:
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path} is not a run directory (no config.yaml; ddpm train writes one at its start)")
+    grids = sorted((path / "samples").glob("step-*.png"))
+    return Run(
+        label=label,
+        path=path,
+        config=yaml.safe_load((path / "config.yaml").read_text()) or {},
+        metrics=_jsonl(path / "metrics.jsonl"),
+        scores=read_scores(path),
+        grid=grids[-1] if grids else None,
+    )
+
+
+def labels_for(paths: list[Path]) -> list[str]:
+    """The run directory names, with the parent folder added where two runs share a name."""
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose values are not the same in every run (the run name and directory aside)."""
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flat) - {"name", "runs_dir"})
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+
+
+def measurement(row: dict[str, Any]) -> tuple:
+    """How a score was measured; only scores measured the same way share a curve's axes."""
+    return (row["metric"], row["reference_data"], row["num_images"], row["scheduler"], row["steps"], row["seed"])
+
+
+def common_measurement(runs: list[Run]) -> tuple | None:
+    """The measurement most runs have scores for (then the one with most scores), so the quality curves compare
+    like with like."""
+    scored = [[measurement(r) for r in run.scores if headline(r["metric"]) in r] for run in runs]
+    every = [m for ms in scored for m in ms]
+    if not every:
+        return None
+    return max(sorted(set(every), key=str), key=lambda m: (sum(m in ms for ms in scored), every.count(m)))
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_curves(runs: list[Run], how: tuple | None) -> str:
+    """Loss (and, where there are scores, quality) against training step, a line per run: a base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if how else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+    loss_ax = axes[0][0]
+    for run in runs:
+        points = [(m["step"], m["loss"]) for m in run.metrics if "loss" in m]
+        if points:
+            loss_ax.plot(*zip(*points), label=run.label, linewidth=1.2)
+    loss_ax.set(xlabel="training step", ylabel="training loss (mean per log interval)", yscale="log", title="Loss")
+    if how:
+        metric, reference, num_images, scheduler, steps, seed = how
+        key = headline(metric)
+        ax = axes[0][1]
+        for run in runs:
+            points = sorted((r["step"], r[key]) for r in run.scores if measurement(r) == how and key in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=run.label, linewidth=1.2)
+        ax.set(
+            xlabel="training step",
+            ylabel=f"{key} (lower is better)",
+            title=f"{key}: {num_images} images, {scheduler} {steps} steps, vs {reference}",
+        )
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _summary(run: Run, how: tuple | None) -> dict[str, str]:
+    last = next((m for m in reversed(run.metrics) if "loss" in m), {})
+    row = {
+        "run": run.label,
+        "steps": str(last.get("step", "-")),
+        "final loss": f"{last['loss']:.4g}" if "loss" in last else "-",
+        "img/s": f"{last['images_per_sec']:.0f}" if "images_per_sec" in last else "-",
+    }
+    if how:
+        key = headline(how[0])
+        same = [r for r in run.scores if measurement(r) == how and key in r]
+        best = min(same, key=lambda r: r[key]) if same else None
+        newest = max(same, key=lambda r: r["step"]) if same else None
+        row[f"best {key}"] = f"{best[key]:.4g} at step {best['step']}" if best else "-"
+        row[f"newest {key}"] = f"{newest[key]:.4g} at step {newest['step']}" if newest else "-"
+    return row
+
+
+def _table(rows: list[dict[str, str]], css: str = "") -> str:
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+th { background: #f3f3f3; }
+.grids { display: flex; flex-wrap: wrap; gap: 16px; }
+figure { margin: 0; }
+figcaption { font-size: 13px; color: #555; }
+img.grid { image-rendering: pixelated; max-width: 420px; }
+.muted { color: #777; }
+"""
+
+
+def render(runs: list[Run]) -> str:
+    """The report as an HTML string (no scripts, no external resources)."""
+    how = common_measurement(runs)
+    diff = differing_keys(runs)
+    flat = [flatten(r.config) for r in runs]
+    diff_rows = [{"key": k, **{r.label: json.dumps(f.get(k)) for r, f in zip(runs, flat)}} for k in diff]
+    grids = "".join(
+        f'<figure><img class="grid" alt="samples of {html.escape(r.label)}" '
+        f'src="data:image/png;base64,{base64.b64encode(r.grid.read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(r.label)}: {html.escape(r.grid.stem)}</figcaption></figure>"
+        if r.grid
+        else f'<p class="muted">{html.escape(r.label)}: no sample grid yet</p>'
+        for r in runs
+    )
+    quality_note = (
+        ""
+        if how
+        else '<p class="muted">No scores yet: turn on train.eval_every, or run ddpm evaluate on a checkpoint.</p>'
+    )
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ddpm compare: {html.escape(", ".join(r.label for r in runs))}</title>
+<style>{STYLE}</style></head><body>
+<h1>{len(runs)} runs compared</h1>
+<p class="muted">Written {made} from {html.escape(", ".join(str(r.path) for r in runs))}</p>
+<h2>Summary</h2>
+{_table([_summary(r, how) for r in runs], "summary")}
+<h2>Curves</h2>
+{quality_note}
+<img class="curves" alt="loss and quality against training step" src="data:image/png;base64,{plot_curves(runs, how)}">
+<h2>Config keys that differ</h2>
+{_table(diff_rows, "config") if diff_rows else '<p class="muted">None: the runs share every config value.</p>'}
+<h2>Newest samples</h2>
+<div class="grids">{grids}</div>
+</body></html>
+"""

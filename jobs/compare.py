@@ -1,0 +1,55 @@
+"""Compare job: one self-contained HTML report of training runs: loss and quality curves, config differences, grids.
+
+    ddpm compare runs/lr-1e-4 runs/lr-4e-4 [--out compare.html]
+
+Reads only the run directories (config.yaml, metrics.jsonl, scores.jsonl, samples/), so it works on clusters
+without W&B access; the page embeds its pictures and needs no network to open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm.errors import ConfigError
+from ddpm.typed_config import build_config, read_tree
+
+
+@dataclass
+class CompareConfig:
+    runs: tuple[str, ...] = ()  # run directories; also given as plain arguments: ddpm compare RUN_DIR...
+    out: str = "compare.html"  # the report
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise ConfigError("no runs to compare: ddpm compare RUN_DIR... (directories written by ddpm train)")
+        for run in self.runs:
+            if not Path(run).is_dir():
+                raise ConfigError(f"run directory {run}: no such directory")
+
+
+CONFIG = CompareConfig
+
+
+def load(path: str | None, overrides: list[str] = (), values: dict | None = None) -> CompareConfig:
+    """Plain arguments (no '=') are run directories; the rest are key=value overrides."""
+    runs = [a for a in overrides if "=" not in a]
+    cfg = build_config(CompareConfig, read_tree(path, [a for a in overrides if "=" in a], values))
+    cfg.runs = (*cfg.runs, *runs)
+    cfg.validate()
+    return cfg
+
+
+def run(cfg: CompareConfig) -> Path:
+    from ddpm.compare import labels_for, load_run, render
+
+    cfg.validate()
+    paths = [Path(r).resolve() for r in cfg.runs]
+    runs = [load_run(p, label) for p, label in zip(paths, labels_for(paths))]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(render(runs))
+    tmp.replace(out)
+    print(f"report: {out} ({len(runs)} runs)")
+    return out
