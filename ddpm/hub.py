@@ -16,7 +16,10 @@ import yaml
 
 from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ddpm.errors import UserError
+from ddpm.evaluate import SEED_STRIDE
 from ddpm.export import run_dir_of
+from ddpm.metrics import METRICS
+from ddpm.scores import best_score, headline, read_scores
 
 
 def final_grid(run_dir: Path) -> Path | None:
@@ -65,9 +68,31 @@ def check_pipeline(pipeline: Path) -> str:
     return type(pipe).__name__
 
 
+# How each score column is named on the Hub: an offline feature net's distance is not FID, and says so.
+METRIC_NAMES = {
+    "fid": "FID",
+    "kid": "KID",
+    "fd_digitsnet": "FD-digitsnet (Fréchet distance in an offline digits feature net; not FID)",
+    "kd_digitsnet": "KD-digitsnet (kernel distance in an offline digits feature net; not KID)",
+}
+
+
+def final_scores(run_dir: Path, final_step: int | None) -> list[dict]:
+    """One score per metric of the run's final weights: the one from the most images, then the lowest."""
+    chosen: dict[str, dict] = {}
+    for row in read_scores(run_dir):
+        if row["step"] != final_step or headline(row["metric"]) not in row:
+            continue
+        old = chosen.get(row["metric"])
+        rank = (-row["num_images"], row[headline(row["metric"])])
+        if old is None or rank < (-old["num_images"], old[headline(old["metric"])]):
+            chosen[row["metric"]] = row
+    return list(chosen.values())
+
+
 def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     """README.md for the Hub: metadata for search, what was trained on what, how to sample, the figures measured."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     run_dir = run_dir_of(pipeline)
     cfg_path = run_dir / "config.yaml"
@@ -81,7 +106,25 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         "folder": "a local image folder",
         "hf": f"the Hugging Face dataset `{data.get('path', '')}`",
     }.get(data.get("source", ""), "unknown data")
+    # Scores of the published weights (the final EMA: the run's last step), in the Hub's model-index format.
+    published = final_scores(run_dir, summary.get("steps"))
     meta = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        eval_results=[
+            EvalResult(
+                task_type="unconditional-image-generation",
+                dataset_type=data.get("path") if data.get("source") == "hf" else data.get("source", "unknown"),
+                dataset_name=row["reference_data"],
+                metric_type=key,
+                metric_name=METRIC_NAMES[key],
+                metric_value=round(float(row[key]), 6),
+                metric_config=f"{row['num_images']} images, {row['scheduler']} {row['steps']} steps, "
+                f"seeds from {row['seed'] * SEED_STRIDE}",
+            )
+            for row in published
+            for key in METRICS[row["metric"]][:2]
+        ]
+        or None,
         library_name="diffusers",
         license=license,
         pipeline_tag="unconditional-image-generation",
@@ -132,18 +175,28 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
             f"- batch size {t.get('batch_size')} x accumulation {t.get('grad_accum')}, AdamW lr {o.get('lr')}, "
             f"EMA decay up to {o.get('ema_decay')}, precision {t.get('mixed_precision')}"
         ]
-    evaluations = sorted((run_dir / "evaluation").glob("*.json")) if (run_dir / "evaluation").is_dir() else []
-    if evaluations:
-        lines += ["", "## Evaluation", "", "| metric | value | images | sampler | steps |", "|---|---|---|---|---|"]
-        for path in evaluations:
-            row = json.loads(path.read_text())
-            if Path(row.get("model_path", "")).resolve() != pipeline.resolve():
-                continue  # an evaluation of a checkpoint, not of the weights being published
-            for key in ("fid", "kid", "fd_digitsnet", "kd_digitsnet"):
-                if key in row:
-                    lines.append(
-                        f"| {key} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | {row['steps']} |"
-                    )
+    if published:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            "| metric | value | images | sampler | steps | reference |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in published:
+            for key in METRICS[row["metric"]][:2]:
+                lines.append(
+                    f"| {METRIC_NAMES[key]} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | "
+                    f"{row['steps']} | {row['reference_data']} |"
+                )
+    best = best_score(read_scores(run_dir))
+    if best and best["step"] != summary.get("steps"):
+        key = headline(best["metric"])
+        lines += [
+            "",
+            f"The run's best {METRIC_NAMES[key]} was {best[key]:.4g} at training step {best['step']} (a checkpoint; "
+            "these weights are the final EMA).",
+        ]
     lines += ["", "Trained with the `ddpm` tool (config in `training_config.yaml`)."]
     return str(ModelCard("\n".join(lines) + "\n"))  # parses the header: a malformed card fails here, not on the Hub
 

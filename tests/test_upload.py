@@ -251,3 +251,30 @@ def test_an_interrupted_upload_leaves_the_old_model_and_a_retry_finishes(pipelin
         failed_cleanly=1,
         mixed_states_seen=0,
     )
+
+
+def test_model_card_carries_the_published_weights_scores_as_model_index(tiny_run, tmp_path, shared_cache):
+    run = copy_of_tiny_run(tiny_run, tmp_path)
+    env = {"DDPM_CACHE": str(shared_cache / "ddpm")}
+    for model in ("pipeline", "checkpoints/step-00000003"):  # the published weights (step 6), and a checkpoint
+        r = run_cli(
+            "evaluate", "--pipeline", str(run / model), "--metric", "digitsnet", "--num-images", "8", "--steps", "2",
+            "--no-wandb", env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    scores = {json.loads(line)["step"]: json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()}
+    r = run_cli("upload", "--pipeline", str(run / "pipeline"), "--repo-id", "someone/tiny", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    card = r.stdout.split("--- README.md ---\n", 1)[1]
+    [entry] = yaml.safe_load(card.split("---\n")[1])["model-index"]
+    [result] = entry["results"]
+    assert result["task"]["type"] == "unconditional-image-generation"
+    assert result["dataset"]["name"] == "digits at 8px"
+    metrics = {m["type"]: m for m in result["metrics"]}
+    assert set(metrics) == {"fd_digitsnet", "kd_digitsnet"}  # only the step-6 weights' scores: those published
+    assert metrics["fd_digitsnet"]["value"] == pytest.approx(scores[6]["fd_digitsnet"], rel=1e-5)
+    assert "not FID" in metrics["fd_digitsnet"]["name"]
+    assert metrics["fd_digitsnet"]["config"] == "8 images, ddim 2 steps, seeds from 0"
+    # the run's best score is named in the text when a checkpoint, not the published weights, holds it
+    best_step = min(scores, key=lambda step: scores[step]["fd_digitsnet"])
+    assert ("best FD-digitsnet" in card and "at training step 3" in card) == (best_step == 3)
