@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 from ddpm.errors import RunStopped, UserError
@@ -79,6 +80,37 @@ def build(name: str, args: argparse.Namespace):
     return load_job_config(module.CONFIG, args.config_file or None, args.overrides, values)
 
 
+def _training_grid(args: argparse.Namespace) -> int | None:
+    """`ddpm submit train` with multi-valued overrides (slurm.grid): a run per point, as one SLURM array; None when
+    the overrides describe a single run."""
+    from slurm.grid import expand
+    from slurm.submit import SubmitOptions, submit_train_grid
+
+    points = expand(args.overrides)
+    if points is None:
+        return None
+    base = build("train", argparse.Namespace(**{**vars(args), "overrides": points[0].overrides}))
+    group = base.tracking.group or base.run_name  # the grid's name is the W&B group of all its runs
+    cfgs = [
+        build(
+            "train",
+            argparse.Namespace(
+                **{
+                    **vars(args),
+                    "overrides": [*p.overrides, f"name={base.run_name}_{p.suffix}", f"tracking.group={group}"],
+                }
+            ),
+        )
+        for p in points
+    ]
+    if getattr(args, "print_only", False):
+        for cfg, p in zip(cfgs, points):
+            print(f"{cfg.run_name}: {' '.join(p.overrides)}")
+        return 0
+    opts = load_job_config(SubmitOptions, values=flag_values(SubmitOptions, args))
+    return submit_train_grid(cfgs, Path(base.runs_dir) / f"{base.run_name}-grid", opts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
@@ -86,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.kind if args.command == "submit" else args.command
     shown = f"{args.command} {name}" if args.command == "submit" else name
     try:
+        if args.command == "submit" and name == "train" and (grid := _training_grid(args)) is not None:
+            return grid
         cfg = build(name, args)
         module = job_module(name)
         if hasattr(module, "describe"):

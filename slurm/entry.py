@@ -78,11 +78,14 @@ class TrainTask:
         self.cfg, self.max_requeues, self.dist_timeout_min = cfg, max_requeues, dist_timeout_min
         self.gpus_per_task = gpus_per_task  # the profile's gpus_per_node: every task sees its node's GPUs
 
-    def __call__(self) -> str:
+    def __call__(self, cfg=None) -> str:
+        """`cfg`: a training grid's point (an array element's own config); else the one given at submission."""
         import submitit
 
         from ddpm.environment import require_gpus
         from jobs import train
+
+        cfg = cfg if cfg is not None else self.cfg
 
         _setup_logging()
         require_gpus(self.gpus_per_task)  # before any work, on every rank
@@ -97,7 +100,7 @@ class TrainTask:
             flush=True,
         )
         try:
-            path = train.run(self.cfg)
+            path = train.run(cfg)
         except RunStopped as e:
             requeue(self.max_requeues, str(e))
             raise

@@ -155,6 +155,28 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None)
     return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
 
 
+def submit_grid(profile: ClusterProfile, cfgs: list[Config], grid_dir: Path, nodes: int | None = None) -> Submitted:
+    """A training grid as one SLURM array: element i trains cfgs[i] (its own run directory, W&B run and requeues).
+    The array's logs and grid.json (its points and their run directories) go to `grid_dir`."""
+    from slurm.entry import TrainTask
+
+    cfgs = [_absolute(c) for c in cfgs]
+    grid_dir = grid_dir.resolve()
+    logs = grid_dir / "slurm"
+    check_shared(profile, **{"the grid directory": grid_dir, "the SLURM log folder": logs})
+    code, sha = code_snapshot(Path(cfgs[0].runs_dir) / ".code")
+    data = {Path(p) for c in cfgs for p in (c.data.path if c.data.source == "folder" else "", c.data.cache_dir) if p}
+    binds = [*{Path(c.runs_dir) for c in cfgs}, *data]
+    ex = _executor(profile, logs / "%j", "train", f"grid-{grid_dir.name}", code, sha, nodes, binds=binds)
+    jobs = ex.map_array(TrainTask(None, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node), cfgs)
+    array_id = jobs[0].job_id.split("_")[0]
+    points = [{"task": i, "name": c.run_name, "run_dir": str(c.run_dir)} for i, c in enumerate(cfgs)]
+    from ddpm.files import write_json
+
+    write_json(grid_dir / "grid.json", {"array_job": array_id, "points": points})
+    return Submitted(f"training grid array ({len(cfgs)} runs)", array_id, jobs[0].paths.stdout, jobs[0].paths.stderr)
+
+
 def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:
     """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded.
     `cfg` is the sweep job's config (jobs.sweep.SweepJobConfig)."""

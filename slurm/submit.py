@@ -36,6 +36,57 @@ class SubmitOptions:
             raise ConfigError("--nodes and --shards must be non-negative")
 
 
+def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
+    """A training grid (slurm.grid) as one array; with --upload, each point's upload after its own element."""
+    from jobs.upload import UploadConfig
+    from slurm import launch
+    from slurm.profile import load_profile
+
+    opts.validate()
+    profile = load_profile(opts.cluster)
+    for cfg in cfgs:
+        _refuse_local_launch(cfg)
+    array = launch.submit_grid(profile, cfgs, grid_dir, opts.nodes or profile.nodes)
+    print(array.describe(), flush=True)
+    submitted = [array]
+    for i, cfg in enumerate(cfgs):
+        print(f"  [{i}] {Path(cfg.runs_dir).resolve() / cfg.run_name}", flush=True)
+        if opts.upload:
+            suffix = cfg.run_name.removeprefix(grid_dir.name.removesuffix("-grid"))
+            up = launch.submit_upload(
+                profile,
+                UploadConfig(
+                    pipeline=str(Path(cfg.runs_dir).resolve() / cfg.run_name / "pipeline"),
+                    repo_id=f"{opts.upload}{suffix}",
+                    dry_run=opts.dry_run_upload,
+                ),
+                after=f"{array.job_id}_{i}",
+            )
+            print(up.describe(), flush=True)
+            submitted.append(up)
+    names = " ".join(str(Path(c.runs_dir) / c.run_name) for c in cfgs)
+    print(f"  grid: {grid_dir / 'grid.json'}\n  compare: ddpm compare {names}", flush=True)
+    return _wait(submitted) if opts.wait else 0
+
+
+def _refuse_local_launch(cfg: Any) -> None:
+    if getattr(cfg, "gpus", "auto") != "auto" or getattr(cfg, "processes", 0):
+        raise UserError(
+            "--gpus/--processes start processes on this machine; on SLURM the profile's gpus_per_node and "
+            "tasks decide (one task per GPU): leave them out, or use --nodes"
+        )
+
+
+def _wait(submitted: list) -> int:
+    from slurm import launch
+
+    states = launch.wait([s.job_id for s in submitted])
+    failed = {j: s for j, s in states.items() if s != "COMPLETED"}
+    for j, s in failed.items():
+        print(f"job {j} ended {s}; see its log above", flush=True)
+    return 1 if failed else 0
+
+
 def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
     """Submit, print the job ids and log paths; with --wait, block and return 1 if any job failed."""
     from jobs.upload import UploadConfig
@@ -46,11 +97,7 @@ def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
     profile = load_profile(opts.cluster)
     submitted: list[launch.Submitted] = []
     if job == "train":
-        if getattr(cfg, "gpus", "auto") != "auto" or getattr(cfg, "processes", 0):
-            raise UserError(
-                "--gpus/--processes start processes on this machine; on SLURM the profile's gpus_per_node and "
-                "tasks decide (one task per GPU): leave them out, or use --nodes"
-            )
+        _refuse_local_launch(cfg)
         nodes = opts.nodes or profile.nodes
         train = launch.submit_train(profile, cfg, nodes)
         print(launch.describe_train(cfg, train, nodes, profile), flush=True)
@@ -75,10 +122,4 @@ def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
         submitted.append(up)
     else:
         raise ConfigError(f"ddpm submit: {job!r} cannot be submitted; one of {', '.join(SUBMITTABLE)}")
-    if not opts.wait:
-        return 0
-    states = launch.wait([s.job_id for s in submitted])
-    failed = {j: s for j, s in states.items() if s != "COMPLETED"}
-    for j, s in failed.items():
-        print(f"job {j} ended {s}; see its log above", flush=True)
-    return 1 if failed else 0
+    return _wait(submitted) if opts.wait else 0

@@ -408,3 +408,50 @@ def test_a_sweep_shard_in_a_container_requeues_from_the_host_side_and_skips_its_
     assert "already done; skipping them" in log
     rows = json.loads((tmp_path / "sweeps" / "contained" / "results.json").read_text())
     assert len(rows) == 6
+
+
+def test_a_training_grid_is_one_array_of_scored_runs_grouped_in_wandb_and_compared(runs, tmp_path):
+    """2 learning rates x 2 batch sizes: one array, a run directory and W&B run per point with its scores, then one
+    report of the four runs."""
+    from tests import wandb_files
+
+    grid_runs = tmp_path / "runs"
+    r = run_cli(
+        "submit", "train", "--cluster", "local", "--nodes", "1", "--wait", "name=grid", f"runs_dir={grid_runs}",
+        f"data.cache_dir={runs.parent / 'cache'}", *TRAIN, "train.max_steps=20", "train.checkpoint_every=10",
+        "train.eval_every=10", "train.eval_images=16", "train.eval_metric=digitsnet", "tracking.wandb=true",
+        "optim.lr=1e-4,1e-3", "train.batch_size=8,16",
+        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")}, timeout=900,
+    )  # fmt: skip
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    array = job_ids(r.stdout)["training grid array (4 runs)"]
+    grid = json.loads((grid_runs / "grid-grid" / "grid.json").read_text())
+    assert grid["array_job"] == array
+    names = [p["name"] for p in grid["points"]]
+    assert names == [f"grid_lr-{lr}_batch_size-{b}" for lr in ("1e-4", "1e-3") for b in (8, 16)]
+    for point in grid["points"]:
+        run_dir = Path(point["run_dir"])
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
+        scores = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in scores] == [10, 20] and all(s["metric"] == "digitsnet" for s in scores)
+        [wandb_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        config = wandb_files.run_config(wandb_file)
+        lr, batch = point["name"].split("_")[1:]
+        assert config["optim"]["lr"] == float(lr.removeprefix("lr-"))
+        assert config["train"]["batch_size"] == int(batch.removeprefix("batch_size-"))
+        assert config["tracking"]["group"] == "grid" and config["run"]["slurm_job_id"]
+        run_record = next(x.run for x in wandb_files.records(wandb_file) if x.WhichOneof("record_type") == "run")
+        assert run_record.run_group == "grid"
+        evals = {
+            h["_step"]: h["eval/fd_digitsnet"] for h in wandb_files.history(wandb_file) if "eval/fd_digitsnet" in h
+        }
+        assert evals == {s["step"]: pytest.approx(s["fd_digitsnet"]) for s in scores}
+
+    report = tmp_path / "report.html"
+    r = run_cli("compare", *(p["run_dir"] for p in grid["points"]), "--out", str(report))
+    assert r.returncode == 0, r.stderr
+    page = report.read_text()
+    differing = page.split("Config keys that differ", 1)[1]
+    assert "optim.lr" in differing and "train.batch_size" in differing and "train.max_steps" not in differing
+    assert all(f'alt="samples of {name}"' in page for name in names)
