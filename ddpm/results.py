@@ -98,3 +98,42 @@ def plot_results(title: str, metric: str, rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_history(metric: str, num_images: int, runs: dict[str, list[dict]], path: Path) -> bool:
+    """Quality against training step, from every sweep that scored the runs' models (their scores.jsonl): a panel
+    per run, a line per sampler and step count, seeds averaged. For nightly sweeps, the curve across nights.
+    Returns False (and writes nothing) when no run has scores at two steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = metric_columns(metric)[0]
+    runs = {
+        name: [
+            r for r in rows if r.get("source") == "sweep" and r["metric"] == metric and r["num_images"] == num_images
+        ]
+        for name, rows in runs.items()
+    }
+    runs = {name: rows for name, rows in runs.items() if len({r["step"] for r in rows}) >= 2}
+    if not runs:
+        return False
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharey=True)
+    for ax, (name, rows) in zip(axes[0], runs.items()):
+        for sampler in dict.fromkeys((r["scheduler"], r["steps"]) for r in rows):
+            points: dict[int, list[float]] = {}
+            for r in rows:
+                if (r["scheduler"], r["steps"]) == sampler:
+                    points.setdefault(r["step"], []).append(r[key])
+            xs = sorted(points)
+            ax.plot(xs, [float(np.mean(points[x])) for x in xs], marker="o", label=f"{sampler[0]} {sampler[1]} steps")
+        ax.set(xlabel="training step", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"{key} (lower is better)")
+    fig.suptitle(f"{key} against training step, {num_images} images per point, every sweep so far", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -56,6 +56,22 @@ def read_scores(run_dir: Path) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def model_step(model: str | Path) -> int | None:
+    """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
+    model outside a run directory."""
+    model = Path(model)
+    run_dir = model.parent.parent if model.parent.name == "checkpoints" else model.parent
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    name = model.name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if name == "pipeline" else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def best_score(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The row with the lowest headline score among the rows of the most used (metric, reference, images,
     sampler, steps): only scores measured the same way are compared."""

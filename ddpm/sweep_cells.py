@@ -2,17 +2,25 @@
 
 A cell's settings include a fingerprint of the model's weights, so a checkpoint replaced under the same
 name, or a pipeline exported again, is sampled again; anything else already done is skipped.
+
+A model of a training run also keeps every sweep's scores in the run's scores.jsonl (ddpm.scores): a cell that
+another sweep (last night's, say) scored with the same weights and settings is taken from there instead of being
+sampled again, so a nightly sweep over the newest checkpoints only samples the checkpoints that are new.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 from ddpm.errors import UserError
 from ddpm.evaluate import Evaluator, image_seeds, model_fingerprint
+from ddpm.export import run_dir_of
 from ddpm.files import write_json
+from ddpm.scores import append_score, model_step, read_scores
 from ddpm.sweep import Cell, SweepConfig
 
 log = logging.getLogger(__name__)
@@ -52,11 +60,54 @@ def finished_row(cfg: SweepConfig, cell: Cell) -> dict | None:
     return row if all(row.get(k) == v for k, v in settings.items()) else None
 
 
+# The settings that make a score of another sweep this cell's score (the cell's name and the model's label and
+# path aside: the same weights give the same images wherever they are).
+REUSED_SETTINGS = ("model_fingerprint", "scheduler", "steps", "seed", "num_images", "metric", "reference",
+                   "reference_images_asked", "precision_setting", "prompt", "guidance", "negative_prompt")  # fmt: skip
+
+
+def scored_before(cfg: SweepConfig, cell: Cell) -> dict | None:
+    """The row another sweep wrote into the model's run (scores.jsonl) for the same weights and settings."""
+    run_dir = run_dir_of(cell.path)
+    settings = cell_settings(cfg, cell)
+    if not settings["model_fingerprint"] or not (run_dir / "config.yaml").is_file():
+        return None
+    for row in reversed(read_scores(run_dir)):
+        if row.get("source") == "sweep" and all(row.get(k) == settings.get(k) for k in REUSED_SETTINGS):
+            return row
+    return None
+
+
+def _reuse(cfg: SweepConfig, cell: Cell, scored: dict) -> None:
+    """This cell's row.json from a score of another sweep, with that sweep's grid beside it (not its images)."""
+    out = cfg.sweep_dir / "cells" / cell.id
+    out.mkdir(parents=True, exist_ok=True)
+    grid = Path(scored.get("cell_dir", "")) / "grid.png"
+    if grid.is_file():
+        shutil.copy(grid, out / "grid.png")
+    kept = {k: v for k, v in scored.items() if k not in ("source", "sweep", "step")}
+    write_json(out / "row.json", {**kept, **cell_settings(cfg, cell), "reused_from": scored.get("cell_dir")})
+
+
+def _attach(cfg: SweepConfig, cell: Cell, row: dict, out: Path) -> None:
+    """A scored cell of a training run's model goes into the run's scores.jsonl too."""
+    step = model_step(cell.path)
+    if step is not None and cfg.metric != "none":
+        run_dir = run_dir_of(cell.path)
+        append_score(run_dir, {**row, "step": step, "source": "sweep", "sweep": cfg.name, "cell_dir": str(out)})
+
+
 def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
-    """Runs the cells not yet done; returns (run, skipped)."""
+    """Runs the cells not yet done (and not scored by another sweep); returns (run, skipped)."""
     todo = [c for c in cells if finished_row(cfg, c) is None]
     if len(todo) < len(cells):
         log.info("%d of %d cells already done; skipping them", len(cells) - len(todo), len(cells))
+    reused = [(c, row) for c in todo if (row := scored_before(cfg, c)) is not None]
+    for cell, row in reused:
+        _reuse(cfg, cell, row)
+    if reused:
+        log.info("%d cells scored by an earlier sweep with the same weights and settings; taken from it", len(reused))
+        todo = [c for c in todo if finished_row(cfg, c) is None]
     if todo:
         from ddpm.metrics import metric_columns
 
@@ -75,6 +126,7 @@ def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
             )
             row = {**cell_settings(cfg, cell), **scores}
             write_json(out / "row.json", row)  # last: its presence means the cell is done
+            _attach(cfg, cell, row, out)
             log.info("  %s", ", ".join(f"{k}={row[k]:.4g}" for k in metric_columns(cfg.metric) if k in row))
     return len(todo), len(cells) - len(todo)
 

@@ -6,7 +6,6 @@ It calls the same scorer as every sweep cell (ddpm.evaluate.Evaluator): same sam
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,10 +91,10 @@ def run(cfg: EvaluateConfig) -> dict:
         **scores,
     }
     write_json(out, row)
-    step = training_step(path, run_dir)
-    if step is not None:  # a model of a training run: its score belongs to that run too
-        from ddpm.scores import append_score
+    from ddpm.scores import append_score, model_step
 
+    step = model_step(path)
+    if step is not None:  # a model of a training run: its score belongs to that run too
         append_score(run_dir, {**row, "step": step, "source": "evaluate"})
     if cfg.wandb:
         _track(cfg, run_dir, out.parent / out.stem, {**row, "step": step})
@@ -106,21 +105,6 @@ def run(cfg: EvaluateConfig) -> dict:
         f"reference images ({row['reference_data']})\n{shown}\njson: {out}"
     )
     return {**row, "out": str(out)}
-
-
-def training_step(model: Path, run_dir: Path) -> int | None:
-    """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
-    model outside a run directory."""
-    from ddpm.evaluate import checkpoint_step
-
-    if not (run_dir / "config.yaml").is_file():
-        return None
-    if (step := checkpoint_step(model)) is not None:
-        return step
-    try:
-        return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if model.name == "pipeline" else None
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None:

@@ -90,9 +90,22 @@ def run(cfg: SweepJobConfig, cells: list | None = None) -> dict[str, Path] | Non
 
     rows = collect_rows(cfg, cells)
     files = write_results(cfg.sweep_dir, cfg.name, cfg.metric, rows)
+    if cfg.metric != "none" and _history(cfg, rows):
+        files["history"] = cfg.sweep_dir / "history.png"
     _track(cfg, rows, files)
     print("\n".join(f"{k}: {v}" for k, v in files.items()))
     return files
+
+
+def _history(cfg: SweepConfig, rows: list[dict]) -> bool:
+    """history.png: quality against training step of the swept runs, across every sweep that scored them."""
+    from ddpm.export import run_dir_of
+    from ddpm.results import plot_history
+    from ddpm.scores import read_scores
+
+    run_dirs = dict.fromkeys(run_dir_of(r["model_path"]) for r in rows)
+    scores = {d.name: read_scores(d) for d in run_dirs if (d / "config.yaml").is_file()}
+    return plot_history(cfg.metric, cfg.num_images, scores, cfg.sweep_dir / "history.png")
 
 
 def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
@@ -126,6 +139,8 @@ def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
     grids = {i: cfg.sweep_dir / "cells" / r["cell"] / "grid.png" for i, r in enumerate(rows)}
     # Grids also go in as images of their own: W&B drops the images inside a table in offline runs (wandb#4611).
     images = {"sweep/plot": files["plot"], **{f"grid/{rows[i]['cell']}": p for i, p in grids.items()}}
+    if "history" in files:
+        images["sweep/history"] = files["history"]
     tracker.log_table("sweep/results", columns, table, row_images=grids, images=images)
     if cfg.metric != "none":
         key = metric_columns(cfg.metric)[0]

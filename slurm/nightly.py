@@ -5,7 +5,9 @@
 
 The YAML names the runs, how many of their newest checkpoints to sweep, the cron schedule and the
 sweep grid (the keys of a sweep config but `models` and `name`); each night's sweep is named
-nightly-<date>, so the nights sit side by side in W&B.
+nightly-<date>, so the nights sit side by side in W&B. Cells scored on an earlier night (same weights,
+same settings, kept in each run's scores.jsonl) are not sampled again: a night with no new checkpoint
+submits nothing, and each night's history.png is quality against training step across the nights.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def sweep_config(path: Path, today: datetime.date | None = None) -> SweepJobConf
     return absolute_paths(cfg)
 
 
+def new_cells(cfg: SweepJobConfig) -> list:
+    """Tonight's cells that no sweep has scored yet (same weights and settings): only new checkpoints' cells."""
+    from ddpm.sweep import plan
+    from ddpm.sweep_cells import finished_row, scored_before
+
+    return [c for c in plan(cfg) if finished_row(cfg, c) is None and scored_before(cfg, c) is None]
+
+
 def crontab_line(cluster: str, runs: Path, schedule: str) -> str:
     cmd = (
         f"cd {shlex.quote(str(REPO))} && mkdir -p runs && .venv/bin/python -m slurm.nightly submit "
@@ -128,6 +138,11 @@ def submit(cluster: str, runs: Path) -> int:
     from slurm.profile import load_profile
 
     cfg = sweep_config(runs)
+    new = new_cells(cfg)
+    if not new:
+        print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} {cfg.name}: nothing new to score (no new checkpoint)")
+        return 0
+    print(f"{cfg.name}: {len(new)} cells to score", flush=True)
     array, merge = launch.submit_sweep(load_profile(cluster), cfg, 64)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} {cfg.name}\n{array.describe()}\n{merge.describe()}", flush=True)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from ddpm.device import auto_precision
 from ddpm.export import pipeline_from_checkpoint
 from ddpm.sweep import load_sweep_config
 from jobs import sweep as sweep_job
-from tests.conftest import run_cli
+from tests.conftest import ROOT, copy_of_tiny_run, run_cli
 
 
 @pytest.fixture
@@ -26,10 +28,15 @@ def sweep_file(tiny_run, shared_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_CACHE", str(shared_cache / "ddpm"))  # feature net + reference features, shared
 
     def make(name: str = "grid", **changes) -> Path:
+        # Each sweep name gets its own copy of the run: sweeps keep their scores in the run (scores.jsonl), and
+        # a sweep would take another's cells from there instead of computing them.
+        run = tmp_path / f"run-of-{name}" / "runs" / tiny_run.name
+        if not run.is_dir():
+            copy_of_tiny_run(tiny_run, tmp_path / f"run-of-{name}")
         spec = {
             "name": name,
             "out_dir": str(tmp_path / "sweeps"),
-            "models": [{"pipeline": str(tiny_run / "pipeline")}],
+            "models": [{"pipeline": str(run / "pipeline")}],
             "schedulers": ["ddim", "dpmsolver++"],
             "steps": [2, 4],
             "seeds": [0],
@@ -142,10 +149,9 @@ def test_merge_names_the_cells_still_missing(sweep_file):
     assert error.startswith("ddpm sweep: error: 2 of 4 cells are not done yet") and "ddim-4steps-seed0" in error
 
 
-def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file):
-    cfg = sweep_job.load(
-        sweep_file("ckpts", models=[{"run": str(tiny_run), "newest": 2}], schedulers=["ddim"], steps=[2])
-    )
+def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file, tmp_path):
+    run = copy_of_tiny_run(tiny_run, tmp_path / "ckpts")
+    cfg = sweep_job.load(sweep_file("ckpts", models=[{"run": str(run), "newest": 2}], schedulers=["ddim"], steps=[2]))
     rows = json.loads(sweep_job.run(cfg)["json"].read_text())
     assert [(r["model"], r["checkpoint_step"]) for r in rows] == [("tiny/step-00000003", 3), ("tiny/step-00000006", 6)]
     # The last checkpoint's EMA weights are the exported pipeline's.
@@ -266,3 +272,56 @@ def test_a_text_to_image_model_without_prompts_is_refused(tmp_path):
         "hf:NAME[:SPLIT] or a config YAML), or metric: none"
     )
     assert not (tmp_path / "s" / "cells").exists()
+
+
+def test_nightly_sweeps_score_only_new_checkpoints_and_plot_quality_across_nights(
+    tiny_run, shared_cache, tmp_path, monkeypatch, caplog
+):
+    import datetime
+
+    from ddpm.config import load_config
+    from ddpm.train import train
+    from slurm.nightly import new_cells, sweep_config
+    from tests.conftest import tiny_overrides
+
+    monkeypatch.setenv("DDPM_CACHE", str(shared_cache / "ddpm"))
+    run = copy_of_tiny_run(tiny_run, tmp_path)  # checkpoints at steps 3 and 6
+    nightly = tmp_path / "nightly.yaml"
+    nightly.write_text(
+        yaml.safe_dump(
+            {
+                "runs": [str(run)],
+                "newest": 2,
+                "sweep": {"schedulers": ["ddim"], "steps": [2], "num_images": 8, "batch_size": 8, "metric": "digitsnet",
+                          "device": "cpu", "precision": "fp32", "out_dir": str(tmp_path / "sweeps"),
+                          "tracking": {"wandb": False}},
+            }
+        )
+    )  # fmt: skip
+    night = {d: sweep_config(nightly, today=datetime.date(2026, 11, d)) for d in (1, 2, 3)}
+
+    assert len(new_cells(night[1])) == 2
+    sweep_job.run(night[1])
+    assert new_cells(night[2]) == []  # no new checkpoint: nothing to score
+    r = subprocess.run(
+        [sys.executable, "-m", "slurm.nightly", "submit", "--cluster", "local", "--runs", str(nightly)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "nothing new to score (no new checkpoint)" in r.stdout, r.stdout + r.stderr
+
+    train(load_config(None, tiny_overrides(run.parent, shared_cache, "train.max_steps=9")))  # a new checkpoint, 9
+    [new] = new_cells(night[3])
+    assert new.model == "tiny/step-00000009"
+    caplog.set_level("INFO")
+    files = sweep_job.run(night[3])
+    assert "1 cells scored by an earlier sweep with the same weights and settings" in caplog.text
+    rows = {r["checkpoint_step"]: r for r in json.loads(files["json"].read_text())}
+    first = {r["checkpoint_step"]: r for r in json.loads((night[1].sweep_dir / "results.json").read_text())}
+    assert rows[6]["fd_digitsnet"] == first[6]["fd_digitsnet"] and rows[6]["reused_from"]
+    assert "reused_from" not in rows[9]
+    steps = sorted({s["step"] for s in map(json.loads, (run / "scores.jsonl").read_text().splitlines())})
+    assert steps == [3, 6, 9]  # every night's scores, kept in the run
+    assert Image.open(files["history"]).size[0] >= 400  # quality against training step across the nights
