@@ -23,9 +23,6 @@ class CompareConfig:
     def validate(self) -> None:
         if not self.runs:
             raise ConfigError("no runs to compare: ddpm compare RUN_DIR... (directories written by ddpm train)")
-        for run in self.runs:
-            if not Path(run).is_dir():
-                raise ConfigError(f"run directory {run}: no such directory")
 
 
 CONFIG = CompareConfig

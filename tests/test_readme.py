@@ -7,12 +7,14 @@ that a flag or key renamed in the code cannot leave a command in the docs that f
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 
 import pytest
 
 from jobs.cli import _parser, build
+from slurm.grid import expand
 from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -58,4 +60,9 @@ def test_the_docs_have_commands_to_check():
 def test_a_documented_command_parses_and_builds_its_config(argv, monkeypatch):
     monkeypatch.chdir(ROOT)  # the docs' paths are relative to the checkout
     args = _parser().parse_args(argv)
-    build(args.kind if args.command == "submit" else args.command, args)
+    points = expand(args.overrides) if args.command == "submit" and args.kind == "train" else None
+    for overrides in [p.overrides for p in points] if points else [args.overrides]:  # a training grid: each point
+        build(
+            args.kind if args.command == "submit" else args.command,
+            argparse.Namespace(**{**vars(args), "overrides": overrides}),
+        )
