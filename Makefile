@@ -51,7 +51,7 @@ test-cuda-variants: $(if $(filter .uv-boot/bin/uv,$(UV)),.uv-boot/bin/uv)
 		UV_PROJECT_ENVIRONMENT=.venv-cu$$c $(UV) sync --frozen --no-dev --extra cu$$c; \
 		.venv-cu$$c/bin/python -c "import torch; print('CUDA=$$c: torch', torch.__version__, 'built for CUDA', torch.version.cuda)"; \
 		$(TEST_ENV) .venv-cu$$c/bin/ddpm train name=smoke-cu$$c runs_dir=$$tmp/runs data.cache_dir=$$tmp/cache \
-			train.max_steps=4 train.sample_images=4 train.sample_steps=2 tracking.wandb=false >$$tmp/cu$$c.log 2>&1 \
+			train.max_steps=4 train.sample_images=4 train.sample_steps=2 train.eval_images=16 tracking.wandb=false >$$tmp/cu$$c.log 2>&1 \
 			|| { tail -20 $$tmp/cu$$c.log; exit 1; }; \
 		.venv-cu$$c/bin/ddpm sample --pipeline $$tmp/runs/smoke-cu$$c/pipeline --num-images 4 --steps 2 >>$$tmp/cu$$c.log 2>&1 \
 			|| { tail -20 $$tmp/cu$$c.log; exit 1; }; \

@@ -31,6 +31,7 @@ def quick_pipeline(workdir: Path) -> Path:
             "name=bench-digits",
             f"data.cache_dir={workdir}/cache",
             "train.max_steps=4",
+            "train.eval_every=0",
             "train.sample_images=1",
             "train.sample_steps=1",
             "tracking.wandb=false",

@@ -101,6 +101,7 @@ def stage_ddpm_train(
             f"train.log_every={window_steps}",
             "train.checkpoint_every=100000",
             "train.sample_every=0",
+            "train.eval_every=0",  # the training step alone is timed
             "train.sample_images=1",
             "train.sample_steps=1",
             "tracking.wandb=false",

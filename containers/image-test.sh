@@ -103,12 +103,16 @@ run python -c 'import torch; assert torch.version.cuda.startswith("12."), torch.
 tiny=(name=smoke data.resolution=8 "model.block_out_channels=[16,32]" "model.down_block_types=[DownBlock2D,AttnDownBlock2D]"
       "model.up_block_types=[AttnUpBlock2D,UpBlock2D]" model.layers_per_block=1 model.norm_num_groups=8
       model.attention_head_dim=8 train.batch_size=16 train.max_steps=4 train.checkpoint_every=2 train.sample_images=4
-      train.sample_steps=2 train.mixed_precision=fp32 optim.warmup_steps=1 tracking.wandb=false)
+      train.sample_steps=2 train.mixed_precision=fp32 optim.warmup_steps=1 tracking.wandb=false
+      train.eval_images=16 train.eval_reference_images=64)
 log "smoke: ddpm train (4 steps) as uid $uid"
 run env HF_HUB_OFFLINE=1 ddpm-entrypoint ddpm train "${tiny[@]}"
 [[ -s $work/runs/smoke/pipeline/model_index.json && -s $work/runs/smoke/pipeline/unet/diffusion_pytorch_model.safetensors ]] \
   || die "training wrote no pipeline into the mounted runs directory"
 [[ $(stat -c %u "$work/runs/smoke/pipeline/model_index.json") == "$uid" ]] || die "the pipeline is not owned by the image's user"
+# In-training evaluation at the last step: this test image has no Inception weights (INCEPTION_WEIGHTS=none), so
+# "auto" scores with the offline metric.
+grep -q '"metric": "digitsnet"' "$work/runs/smoke/scores.jsonl" || die "training in the image wrote no score"
 log "smoke: ddpm sample from it"
 run env HF_HUB_OFFLINE=1 ddpm sample --pipeline runs/smoke/pipeline --steps 2 --num-images 4 --out runs/smoke/samples-image-test
 [[ $(ls "$work/runs/smoke/samples-image-test/images" | wc -l) == 4 && -s $work/runs/smoke/samples-image-test/grid.png ]] \
