@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ddpm.errors import UserError
-from ddpm.scores import headline, read_scores
+from ddpm.scores import headline, measurement, read_scores
 
 
 @dataclass
@@ -62,9 +62,11 @@ def load_run(path: Path, label: str) -> Run:
 
 
 def labels_for(paths: list[Path]) -> list[str]:
-    """The run directory names, with the parent folder added where two runs share a name."""
+    """The run directory names, with the parent folder added where two runs share a name, the whole path where
+    that is not enough."""
     names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    labels = [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    return [str(p) if labels.count(label) > 1 else label for p, label in zip(paths, labels)]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,11 +84,6 @@ def differing_keys(runs: list[Run]) -> list[str]:
     flat = [flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat) - {"name", "runs_dir"})
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
-
-
-def measurement(row: dict[str, Any]) -> tuple:
-    """How a score was measured; only scores measured the same way share a curve's axes."""
-    return (row["metric"], row["reference_data"], row["num_images"], row["scheduler"], row["steps"], row["seed"])
 
 
 def common_measurement(runs: list[Run]) -> tuple | None:
@@ -121,7 +118,7 @@ def plot_curves(runs: list[Run], how: tuple | None) -> str:
             loss_ax.plot(*zip(*points), label=run.label, linewidth=1.2)
     loss_ax.set(xlabel="training step", ylabel="training loss (mean per log interval)", yscale="log", title="Loss")
     if how:
-        metric, reference, num_images, scheduler, steps, seed = how
+        metric, reference, _, num_images, scheduler, steps, _, precision = how
         key = headline(metric)
         ax = axes[0][1]
         for run in runs:
@@ -131,7 +128,7 @@ def plot_curves(runs: list[Run], how: tuple | None) -> str:
         ax.set(
             xlabel="training step",
             ylabel=f"{key} (lower is better)",
-            title=f"{key}: {num_images} images, {scheduler} {steps} steps, vs {reference}",
+            title=f"{key}: {num_images} images, {scheduler} {steps} steps ({precision}), vs {reference}",
         )
     for ax in axes[0]:
         ax.grid(alpha=0.3)
@@ -184,7 +181,7 @@ def render(runs: list[Run]) -> str:
     how = common_measurement(runs)
     diff = differing_keys(runs)
     flat = [flatten(r.config) for r in runs]
-    diff_rows = [{"key": k, **{r.label: json.dumps(f.get(k)) for r, f in zip(runs, flat)}} for k in diff]
+    diff_rows = [{"config key": k, **{r.label: json.dumps(f.get(k)) for r, f in zip(runs, flat)}} for k in diff]
     grids = "".join(
         f'<figure><img class="grid" alt="samples of {html.escape(r.label)}" '
         f'src="data:image/png;base64,{base64.b64encode(r.grid.read_bytes()).decode()}">'

@@ -110,7 +110,7 @@ class TrainConfig:
     sample_steps: int = DEFAULT_STEPS  # sampler steps for the grids
     # In-training evaluation: the EMA weights sampled with sample_scheduler/sample_steps and seeds 0..n-1 (the seeds
     # of `ddpm evaluate --seed 0`, so the two agree) and scored against the training data; logged as eval/<metric>.
-    eval_every: int = 500  # optimizer steps between evaluations (and one at the end); 0: off
+    eval_every: int = 1000  # optimizer steps between evaluations (and one at the end); 0: off
     eval_images: int = 500  # images per evaluation, spread over all processes
     eval_metric: Literal["auto", "inception", "digitsnet"] = "auto"  # auto: FID/KID when the Inception weights are
     # on this machine (cache, DDPM_INCEPTION_WEIGHTS or the image's copy), else the offline FD/KD-digitsnet

@@ -191,20 +191,13 @@ class Evaluator:
 
 
 def training_metric(requested: str) -> str:
-    """train.eval_metric "auto": FID/KID when the Inception weights are already on this machine (a training job
+    """train.eval_metric "auto": FID/KID when checked Inception weights are already on this machine (a training job
     never waits on a download), else the offline FD/KD-digitsnet."""
     if requested != "auto":
         return requested
-    import os
+    from ddpm.inception import local_inception_weights
 
-    from ddpm.inception import WEIGHTS_FILE, weights_cache_dir
-
-    places = [
-        os.environ.get("DDPM_INCEPTION_WEIGHTS", ""),
-        str(weights_cache_dir() / WEIGHTS_FILE),
-        str(Path(os.environ.get("DDPM_BUNDLED_WEIGHTS", "/nonexistent")) / WEIGHTS_FILE),
-    ]
-    return "inception" if any(p and Path(p).is_file() for p in places) else "digitsnet"
+    return "inception" if local_inception_weights() is not None else "digitsnet"
 
 
 class TrainingEvaluator:
@@ -216,19 +209,25 @@ class TrainingEvaluator:
     def __init__(self, data, num_images: int, reference_images: int, metric: str, accelerator) -> None:
         import dataclasses
 
+        from accelerate.utils import broadcast_object_list
+
+        from ddpm.errors import ConfigError
         from ddpm.metrics import describe_reference, feature_space, reference_features
 
         self.accelerator = accelerator
-        self.metric = training_metric(metric)
-        self.seeds = image_seeds(0, num_images)
         rank, world = accelerator.process_index, accelerator.num_processes
+        if num_images < world:
+            raise ConfigError(f"train.eval_images={num_images} is fewer than the {world} processes that share it")
+        # The main process decides "auto" for all: nodes may differ in what their caches hold.
+        self.metric = broadcast_object_list([training_metric(metric) if accelerator.is_main_process else None])[0]
+        self.seeds = image_seeds(0, num_images)
         self.mine = self.seeds[rank::world]
         with accelerator.main_process_first():  # the first process trains (or fetches) the feature net alone
             self.space = feature_space(self.metric, data.resolution, accelerator.device)
         reference = dataclasses.replace(data, random_flip=False)
         self.reference, self.reference_data = None, describe_reference(reference)
         if accelerator.is_main_process:
-            self.reference = reference_features(self.space, reference, reference_images)
+            self.reference = reference_features(self.space, reference, reference_images, warn=False)
 
     def __call__(self, unet, sampler, steps: int, batch_size: int, autocast_dtype) -> dict[str, Any] | None:
         """The scores on the main process (None elsewhere); every process must call it at the same step."""
@@ -248,6 +247,7 @@ class TrainingEvaluator:
         generated = np.stack([by_seed[s] for s in self.seeds])
         return {
             **distances(self.metric, generated, self.reference),
+            "precision": "bf16" if autocast_dtype is not None else "fp32",
             "metric": self.metric,
             "num_images": len(self.seeds),
             "reference_images": len(self.reference),

@@ -19,7 +19,7 @@ from ddpm.errors import UserError
 from ddpm.evaluate import SEED_STRIDE
 from ddpm.export import run_dir_of
 from ddpm.metrics import METRICS
-from ddpm.scores import best_score, headline, read_scores
+from ddpm.scores import best_score, headline, measured_alike, read_scores
 
 
 def final_grid(run_dir: Path) -> Path | None:
@@ -190,12 +190,18 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
                     f"{row['steps']} | {row['reference_data']} |"
                 )
     best = best_score(read_scores(run_dir))
-    if best and best["step"] != summary.get("steps"):
+    final = next((r for r in published if best and r["metric"] == best["metric"]), None)
+    if (
+        best
+        and final
+        and measured_alike(best, final)
+        and best[headline(best["metric"])] < final[headline(best["metric"])]
+    ):
         key = headline(best["metric"])
         lines += [
             "",
-            f"The run's best {METRIC_NAMES[key]} was {best[key]:.4g} at training step {best['step']} (a checkpoint; "
-            "these weights are the final EMA).",
+            f"The run's best {METRIC_NAMES[key]} was {best[key]:.4g}, from the EMA weights at training step "
+            f"{best['step']}; these weights are the EMA at the last step, {final[key]:.4g} measured the same way.",
         ]
     lines += ["", "Trained with the `ddpm` tool (config in `training_config.yaml`)."]
     return str(ModelCard("\n".join(lines) + "\n"))  # parses the header: a malformed card fails here, not on the Hub

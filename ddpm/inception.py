@@ -34,6 +34,20 @@ def weights_cache_dir() -> Path:
     return Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")) / "weights"
 
 
+def local_inception_weights(sha256: str = WEIGHTS_SHA256) -> Path | None:
+    """The checked weights already on this machine (DDPM_INCEPTION_WEIGHTS, the cache, the image's copy), or None:
+    no download, no error."""
+    places = [
+        os.environ.get("DDPM_INCEPTION_WEIGHTS", ""),
+        str(weights_cache_dir() / WEIGHTS_FILE),
+        str(Path(os.environ.get("DDPM_BUNDLED_WEIGHTS", "/nonexistent")) / WEIGHTS_FILE),
+    ]
+    for place in places:
+        if place and Path(place).is_file() and sha256_file(Path(place)) == sha256:
+            return Path(place)
+    return None
+
+
 def inception_weights(explicit: str = "", sha256: str = WEIGHTS_SHA256) -> Path:
     """The checked weights file: the given path (or DDPM_INCEPTION_WEIGHTS), else the cached copy, else a download."""
     given = explicit or os.environ.get("DDPM_INCEPTION_WEIGHTS", "")

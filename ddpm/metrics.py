@@ -240,14 +240,15 @@ def describe_reference(data: DataConfig) -> str:
     return f"{where} at {data.resolution}px"
 
 
-def reference_features(space, data: DataConfig, num_images: int = 0) -> np.ndarray:
-    """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk."""
+def reference_features(space, data: DataConfig, num_images: int = 0, warn: bool = True) -> np.ndarray:
+    """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk. `warn`: say so
+    when the dataset has fewer images than asked (not for a cap such as train.eval_reference_images)."""
     from ddpm.data import cache_root, open_cache
     from ddpm.images import as_rgb
 
     cache = open_cache(data)
     n = len(cache) if num_images <= 0 else min(num_images, len(cache))
-    if num_images > len(cache):
+    if warn and num_images > len(cache):
         log.warning(
             "the reference has %d images, fewer than the %d asked for; using all of them", len(cache), num_images
         )

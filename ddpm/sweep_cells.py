@@ -74,7 +74,12 @@ def scored_before(cfg: SweepConfig, cell: Cell) -> dict | None:
         return None
     for row in reversed(read_scores(run_dir)):
         if row.get("source") == "sweep" and all(row.get(k) == settings.get(k) for k in REUSED_SETTINGS):
-            return row
+            # Only a cell whose folder (its grid) still exists elsewhere: a deleted cell of this very sweep, or one
+            # whose sweep was cleaned up, is sampled again.
+            cell_dir = Path(row.get("cell_dir", ""))
+            here = cfg.sweep_dir / "cells" / cell.id
+            if (cell_dir / "grid.png").is_file() and cell_dir.resolve() != here.resolve():
+                return row
     return None
 
 
@@ -82,9 +87,7 @@ def _reuse(cfg: SweepConfig, cell: Cell, scored: dict) -> None:
     """This cell's row.json from a score of another sweep, with that sweep's grid beside it (not its images)."""
     out = cfg.sweep_dir / "cells" / cell.id
     out.mkdir(parents=True, exist_ok=True)
-    grid = Path(scored.get("cell_dir", "")) / "grid.png"
-    if grid.is_file():
-        shutil.copy(grid, out / "grid.png")
+    shutil.copy(Path(scored["cell_dir"]) / "grid.png", out / "grid.png")
     kept = {k: v for k, v in scored.items() if k not in ("source", "sweep", "step")}
     write_json(out / "row.json", {**kept, **cell_settings(cfg, cell), "reused_from": scored.get("cell_dir")})
 
@@ -125,8 +128,8 @@ def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
                 cell.guidance,
             )
             row = {**cell_settings(cfg, cell), **scores}
+            _attach(cfg, cell, row, out)  # before row.json: a cell killed in between is redone, not lost to the run
             write_json(out / "row.json", row)  # last: its presence means the cell is done
-            _attach(cfg, cell, row, out)
             log.info("  %s", ", ".join(f"{k}={row[k]:.4g}" for k in metric_columns(cfg.metric) if k in row))
     return len(todo), len(cells) - len(todo)
 

@@ -106,6 +106,14 @@ class Tracker:
             for key in keys:
                 self.run.define_metric(key, summary="min")
 
+    def log_against(self, x_key: str, x: int, metrics: dict[str, float]) -> None:
+        """Metrics plotted against `x_key` (e.g. the training step of an evaluated checkpoint) instead of this run's
+        own step: a rerun that logs the same x again is kept, where W&B drops a step that does not increase."""
+        if self.run is not None:
+            for key in metrics:
+                self.run.define_metric(key, step_metric=x_key)
+            self.run.log({x_key: x, **metrics})
+
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         if self.run is not None:
             import wandb

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from diffusers import DDPMPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
@@ -41,7 +41,7 @@ from ddpm.metrics import METRICS
 from ddpm.model import architecture, build_unet
 from ddpm.sample import generate, make_grid, make_sampler
 from ddpm.schedule import NoiseProcess, build_scheduler
-from ddpm.scores import append_score
+from ddpm.scores import append_score, drop_training_scores_after, read_scores
 from ddpm.tracking import Tracker, run_metadata
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,12 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     if t.eval_every:
         evaluator = TrainingEvaluator(cfg.data, t.eval_images, t.eval_reference_images, t.eval_metric, accelerator)
         tracker.define_best([f"eval/{c}" for c in METRICS[evaluator.metric][:2]])
+    owed = False  # a launch stopped at an evaluation step wrote its checkpoint before scoring it
+    if evaluator is not None and is_main:
+        drop_training_scores_after(run_dir, step)
+        due = resumed and (step % t.eval_every == 0 or step == total)
+        owed = due and not any(r["step"] == step and r.get("source") == "training" for r in read_scores(run_dir))
+    owed = bool(broadcast_object_list([owed])[0])
 
     def sample_grid(tag: str) -> Path:
         """A grid from the EMA weights with seeds 0..n-1, the same noise in every run."""
@@ -272,6 +278,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             barrier=accelerator.wait_for_everyone,
         )
 
+    if owed:
+        evaluate()
     loader = BatchLoader(cache, order, epoch, batch, pin_memory=device.type == "cuda")
     loss_sum = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)

@@ -41,7 +41,7 @@ def run(cfg: CompareConfig) -> Path:
     from ddpm.compare import labels_for, load_run, render
 
     cfg.validate()
-    paths = [Path(r).resolve() for r in cfg.runs]
+    paths = list(dict.fromkeys(Path(r).resolve() for r in cfg.runs))  # a run named twice is shown once
     runs = [load_run(p, label) for p, label in zip(paths, labels_for(paths))]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

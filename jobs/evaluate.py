@@ -127,7 +127,7 @@ def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None
     config = {**training, "evaluate": asdict(cfg), "run": run_metadata(), "checkpoint_step": row.get("step")}
     tracker = Tracker(tracking, out_dir, name, config, job_type="evaluate", group=group)
     if row.get("step") is not None:  # the score at its training step, under the in-training evaluation's names
-        tracker.log({f"eval/{k}": row[k] for k in metric_columns(cfg.metric)[:2]}, row["step"])
+        tracker.log_against("train_step", row["step"], {f"eval/{k}": row[k] for k in metric_columns(cfg.metric)[:2]})
     tracker.summarize(
         {k: row[k] for k in [*metric_columns(cfg.metric), "num_images", "seed", "steps", "scheduler"] if k in row}
     )

@@ -99,12 +99,13 @@ def run(cfg: SweepJobConfig, cells: list | None = None) -> dict[str, Path] | Non
 
 def _history(cfg: SweepConfig, rows: list[dict]) -> bool:
     """history.png: quality against training step of the swept runs, across every sweep that scored them."""
+    from ddpm.compare import labels_for
     from ddpm.export import run_dir_of
     from ddpm.results import plot_history
     from ddpm.scores import read_scores
 
-    run_dirs = dict.fromkeys(run_dir_of(r["model_path"]) for r in rows)
-    scores = {d.name: read_scores(d) for d in run_dirs if (d / "config.yaml").is_file()}
+    run_dirs = [d for d in dict.fromkeys(run_dir_of(r["model_path"]) for r in rows) if (d / "config.yaml").is_file()]
+    scores = {label: read_scores(d) for d, label in zip(run_dirs, labels_for(run_dirs))}
     return plot_history(cfg.metric, cfg.num_images, scores, cfg.sweep_dir / "history.png")
 
 

@@ -73,10 +73,11 @@ def sweep_config(path: Path, today: datetime.date | None = None) -> SweepJobConf
 
 def new_cells(cfg: SweepJobConfig) -> list:
     """Tonight's cells that no sweep has scored yet (same weights and settings): only new checkpoints' cells."""
-    from ddpm.sweep import plan
+    from ddpm.sweep import make_plan
     from ddpm.sweep_cells import finished_row, scored_before
 
-    return [c for c in plan(cfg) if finished_row(cfg, c) is None and scored_before(cfg, c) is None]
+    # make_plan, not plan: a night with nothing new leaves no sweep folder behind
+    return [c for c in make_plan(cfg) if finished_row(cfg, c) is None and scored_before(cfg, c) is None]
 
 
 def crontab_line(cluster: str, runs: Path, schedule: str) -> str:

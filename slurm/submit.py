@@ -8,6 +8,7 @@ carry the typed configs (slurm.entry), never a command line.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,25 +47,35 @@ def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
     profile = load_profile(opts.cluster)
     for cfg in cfgs:
         _refuse_local_launch(cfg)
+    repos = [f"{opts.upload}{cfg.run_name.removeprefix(grid_dir.name.removesuffix('-grid'))}" for cfg in cfgs]
+    if opts.upload:  # a Hub name the upload would refuse after training is refused now
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        for repo in repos:
+            try:
+                validate_repo_id(repo)
+            except HFValidationError as e:
+                raise UserError(
+                    f"--upload: the grid point's repository {repo!r} is not a valid Hub name ({e})"
+                ) from None
     array = launch.submit_grid(profile, cfgs, grid_dir, opts.nodes or profile.nodes)
     print(array.describe(), flush=True)
     submitted = [array]
     for i, cfg in enumerate(cfgs):
         print(f"  [{i}] {Path(cfg.runs_dir).resolve() / cfg.run_name}", flush=True)
         if opts.upload:
-            suffix = cfg.run_name.removeprefix(grid_dir.name.removesuffix("-grid"))
             up = launch.submit_upload(
                 profile,
                 UploadConfig(
                     pipeline=str(Path(cfg.runs_dir).resolve() / cfg.run_name / "pipeline"),
-                    repo_id=f"{opts.upload}{suffix}",
+                    repo_id=repos[i],
                     dry_run=opts.dry_run_upload,
                 ),
                 after=f"{array.job_id}_{i}",
             )
             print(up.describe(), flush=True)
             submitted.append(up)
-    names = " ".join(str(Path(c.runs_dir) / c.run_name) for c in cfgs)
+    names = " ".join(shlex.quote(str(Path(c.runs_dir) / c.run_name)) for c in cfgs)
     print(f"  grid: {grid_dir / 'grid.json'}\n  compare: ddpm compare {names}", flush=True)
     return _wait(submitted) if opts.wait else 0
 
