@@ -34,7 +34,7 @@ def test_every_scheduler_samples(tiny_pipeline, name):
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
 
 
-@pytest.mark.parametrize("name", ["ddpm", "dpmsolver++", "euler-ancestral"])
+@pytest.mark.parametrize("name", ["ddpm", "dpmsolver++", "sde-dpmsolver++", "euler-ancestral"])
 def test_an_image_depends_on_its_seed_not_its_batch(tiny_pipeline, name):
     pipe = DDPMPipeline.from_pretrained(tiny_pipeline)
     sampler = make_sampler(name, pipe.scheduler)

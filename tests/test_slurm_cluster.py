@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -437,9 +438,8 @@ def test_a_training_grid_is_one_array_of_scored_runs_grouped_in_wandb_and_compar
         assert [s["step"] for s in scores] == [10, 20] and all(s["metric"] == "digitsnet" for s in scores)
         [wandb_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
         config = wandb_files.run_config(wandb_file)
-        lr, batch = point["name"].split("_")[1:]
-        assert config["optim"]["lr"] == float(lr.removeprefix("lr-"))
-        assert config["train"]["batch_size"] == int(batch.removeprefix("batch_size-"))
+        lr, batch = re.fullmatch(r"grid_lr-(.+)_batch_size-(\d+)", point["name"]).groups()
+        assert config["optim"]["lr"] == float(lr) and config["train"]["batch_size"] == int(batch)
         assert config["tracking"]["group"] == "grid" and config["run"]["slurm_job_id"]
         run_record = next(x.run for x in wandb_files.records(wandb_file) if x.WhichOneof("record_type") == "run")
         assert run_record.run_group == "grid"
