@@ -48,6 +48,7 @@ TRAIN = [
     "train.sample_every=0",
     "train.sample_images=4",
     "train.sample_steps=2",
+    "train.eval_every=0",  # the grid test turns it on
     "train.mixed_precision=fp32",
     "optim.warmup_steps=10",
     "tracking.wandb=false",
