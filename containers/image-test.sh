@@ -98,6 +98,9 @@ uid=$(run id -u)
 [[ $uid != 0 ]] || die "the smoke job runs as root"
 [[ ! -e $CA ]] || run sh -c '! test -e /run/secrets/ca' || die "the build's CA secret is in the image"
 run ddpm-entrypoint --help >/dev/null
+run sh -c 'installed=$(python -c "import ddpm, os; print(os.path.dirname(ddpm.__file__))");
+  diff -r -x __pycache__ /opt/ddpm/ddpm "$installed" >/dev/null' \
+  || die "the installed ddpm package is not the code copied into the image (a stale cached build)"
 run python -c 'import torch; assert torch.version.cuda.startswith("12."), torch.version.cuda' \
   || die "the default image's torch is not the CUDA 12 build"
 tiny=(name=smoke data.resolution=8 "model.block_out_channels=[16,32]" "model.down_block_types=[DownBlock2D,AttnDownBlock2D]"
