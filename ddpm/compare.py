@@ -12,7 +12,7 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ class Run:
     metrics: list[dict[str, Any]]  # metrics.jsonl: loss, lr, ... per logged step
     scores: list[dict[str, Any]]  # scores.jsonl, newest line per key
     grid: Path | None  # the newest samples/step-*.png
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:

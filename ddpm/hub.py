@@ -19,7 +19,7 @@ from ddpm.errors import UserError
 from ddpm.evaluate import SEED_STRIDE
 from ddpm.export import run_dir_of
 from ddpm.metrics import METRICS
-from ddpm.scores import best_score, headline, measured_alike, read_scores
+from ddpm.scores import best_score, headline, measurement, read_scores
 
 
 def final_grid(run_dir: Path) -> Path | None:
@@ -194,7 +194,7 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     if (
         best
         and final
-        and measured_alike(best, final)
+        and measurement(best) == measurement(final)
         and best[headline(best["metric"])] < final[headline(best["metric"])]
     ):
         key = headline(best["metric"])

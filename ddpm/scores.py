@@ -103,15 +103,16 @@ def read_scores(run_dir: Path) -> list[dict[str, Any]]:
 def model_step(model: str | Path) -> int | None:
     """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
     model outside a run directory."""
+    from ddpm.evaluate import checkpoint_step
+
     model = Path(model)
     run_dir = model.parent.parent if model.parent.name == "checkpoints" else model.parent
     if not (run_dir / "config.yaml").is_file():
         return None
-    name = model.name
-    if name.startswith("step-") and name[5:].isdigit():
-        return int(name[5:])
+    if (step := checkpoint_step(model)) is not None:
+        return step
     try:
-        return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if name == "pipeline" else None
+        return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if model.name == "pipeline" else None
     except (OSError, ValueError, KeyError):
         return None
 
@@ -120,10 +121,6 @@ def measurement(row: dict[str, Any]) -> tuple:
     """How a score was measured: only scores measured the same way are compared (a curve, a best, a card)."""
     return tuple(row[k] for k in ("metric", "reference_data", "reference_images", "num_images", "scheduler", "steps",
                                   "seed", "precision"))  # fmt: skip
-
-
-def measured_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return measurement(a) == measurement(b)
 
 
 def best_score(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
