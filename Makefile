@@ -7,7 +7,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help browser install test-cuda-variants train sample test test-slow lint format bench bench-gpu submit-train submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
+.PHONY: help browser install test-cuda-variants train sample test test-slow lint format bench bench-gpu submit-train submit-prepare submit-sweep submit-upload nightly-install cluster-up cluster-down image sif image-test test-reliability
 
 help:
 	@echo "make install [CUDA=12|13]                                 .venv from uv.lock; CUDA: 12 for drivers 525+ (default), 13 for 580+"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench [ARGS=--quick|--ablation]                      speed figures (bench/), appended to docs/benchmarks.md"
 	@echo "make bench-gpu [ARGS=--quick]                             GPU figures: training MFU, sampling at batch 256"
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
+	@echo "make submit-prepare CLUSTER=local [CONFIG=...] [TASKS=4]   decode the data on CPU nodes; then submit-train AFTER=id"
 	@echo "make submit-sweep CLUSTER=local SWEEP=configs/sweeps/x.yaml  sampling sweep as a SLURM array + merge"
 	@echo "make submit-upload CLUSTER=local PIPELINE=... REPO=user/name [AFTER=jobid]  Hub upload after training"
 	@echo "make cluster-up / cluster-down                             the local two-node SLURM cluster (root; slurm/dev/)"
@@ -117,7 +118,13 @@ AFTER ?=
 NIGHTLY ?= slurm/nightly.yaml
 submit-train: install
 	$(need_cluster)
-	.venv/bin/ddpm submit train --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(NODES),--nodes $(NODES)) $(if $(WAIT),--wait) $(ARGS)
+	.venv/bin/ddpm submit train --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(NODES),--nodes $(NODES)) $(if $(AFTER),--after $(AFTER)) $(if $(WAIT),--wait) $(ARGS)
+
+# Decode the training data on CPU nodes first (TASKS array tasks); then make submit-train AFTER=<its job id>.
+TASKS ?= 4
+submit-prepare: install
+	$(need_cluster)
+	.venv/bin/ddpm submit prepare --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) --tasks $(TASKS) $(if $(WAIT),--wait) $(ARGS)
 
 submit-sweep: install
 	$(need_cluster)

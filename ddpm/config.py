@@ -8,6 +8,7 @@ to recognisable samples on a 2-core CPU in minutes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +40,8 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "hf"] = "digits"  # embedded digits, an image folder, or a Hugging Face dataset
-    path: str = ""  # folder path, hub dataset name, or a dataset saved with save_to_disk
+    source: Literal["digits", "folder", "hf", "webdataset"] = "digits"  # digits, image folder, HF dataset, or shards
+    path: str = ""  # folder path, hub dataset name, a dataset saved with save_to_disk, or a folder of .tar shards
     split: str = "train"  # split of a Hugging Face dataset
     image_column: str = "image"  # column holding the images in a Hugging Face dataset
     resolution: int = 16  # side of the square training images, in pixels
@@ -49,13 +50,22 @@ class DataConfig:
     random_flip: bool = False  # random horizontal flip per batch (off for digits: mirrored digits are not digits)
     on_bad_image: Literal["error", "skip"] = "error"  # corrupt file: stop naming it, or skip and count it
     cache_dir: str = ""  # decoded-image cache; "" means $DDPM_CACHE or ~/.cache/ddpm
-    shard_size: int = 8192  # images per memory-mapped cache shard
+    shard_size: int = 8192  # images per memory-mapped cache shard (and per part of a split cache build)
+    refresh: bool = False  # list the source again although its folders' times are unchanged (a file rewritten in place)
+    stage_dir: str = (
+        ""  # node-local disk (e.g. $TMPDIR) to copy the cache to once per node at start; "" reads it in place
+    )
+    workers: int = 0  # decoding threads of the cache build and the stream per process; 0: the CPUs this process may use
     max_image_pixels: int = 89_478_485  # larger images are refused undecoded (PIL's decompression-bomb limit)
 
     @property
     def image_channels(self) -> int:
         """1 or 3: what the cache stores and the UNet takes and predicts."""
         return self.channels or (1 if self.source == "digits" else 3)
+
+    @property
+    def decode_threads(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))  # SLURM's --cpus-per-task binding, not the node's CPUs
 
 
 @dataclass
@@ -146,6 +156,7 @@ class Config:
             "digits": "digits",
             "folder": Path(self.data.path).name,
             "hf": self.data.path.rstrip("/").split("/")[-1],
+            "webdataset": Path(self.data.path).name,
         }
         return f"{base[self.data.source] or 'data'}-{self.data.resolution}px"
 
@@ -183,6 +194,7 @@ def validate_config(cfg: Config) -> None:
     need(d.source == "digits" or bool(d.path), f"data.path is required when data.source is {d.source!r}")
     need(d.resolution >= 8, f"data.resolution must be at least 8, got {d.resolution}")
     need(d.shard_size > 0, f"data.shard_size must be positive, got {d.shard_size}")
+    need(d.workers >= 0, f"data.workers must be non-negative, got {d.workers}")
     levels = len(m.block_out_channels)
     need(levels >= 1, "model.block_out_channels needs at least one entry")
     need(

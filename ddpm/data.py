@@ -1,26 +1,36 @@
 """Training images: decoded and resized once into a memory-mapped uint8 cache, then served as batches.
 
-Sources: the embedded digits (scikit-learn's 1,797 handwritten 8x8 digits, no network), a local
-folder of images in any format PIL reads, or a Hugging Face dataset (hub name or save_to_disk
-folder). Each source is decoded once (ddpm.images) into `<cache>/<key>/shard-*.npy`, (N, H, W, C)
-uint8 with C = 1 (grey) or 3 (RGB), where the key hashes the source, the resolution, the channels
-and the preprocessing; later epochs and runs memory-map the shards, so a dataset larger than RAM
-streams from disk and a rank reads only its own batches (ddpm.batches: the order, the loader, and
-flip and scaling on the training device).
+Sources (ddpm.sources): the embedded digits, a local image folder, or a Hugging Face dataset. A source is decoded
+once (ddpm.images) into `<cache>/<content>/shard-*.npy`, (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB); later
+epochs and runs memory-map the shards, so a dataset larger than RAM streams from disk and a rank reads only its
+own batches (ddpm.batches: the order, the loader, and flip and scaling on the training device). WebDataset shards
+are streamed instead (ddpm.shards).
+
+A warm start does no per-file work. `<cache>/<source>-<res>px-<key>.json`, the index of one source at one
+preprocessing, names the complete content directory and the source's folders with their modification times; a
+start stats those folders (rank 0 only, in training) and opens the content. Only a changed folder, or
+`data.refresh=true`, lists the source again, and only changed content is decoded, into a new content directory
+named by the listing's fingerprint, so a job still reading the old one is not disturbed.
+
+The decode is split in parts of `data.shard_size` images in source order: every process of a job (the training
+ranks, or the tasks of `ddpm prepare`) decodes the parts p with p % processes == rank, each written whole; the last
+step writes meta.json and renames the build into place. The cache is the same, byte for byte, for any number of
+processes, and a build that was stopped keeps its finished parts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -28,27 +38,15 @@ from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
-from ddpm.files import unique_suffix
+from ddpm.files import exclusive, unique_suffix, write_json
 from ddpm.images import BadImageError, decode_image
+from ddpm.sources import IMAGE_SUFFIXES, Items, list_source, source_spec, unchanged
+
+__all__ = ["IMAGE_SUFFIXES", "BadImageError", "ImageCache", "Processes", "decode_image", "open_cache"]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when decoding or resizing changes, so old caches are not reused
-IMAGE_SUFFIXES = {
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".gif",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".tga",
-    ".ico",
-}
+CACHE_VERSION = 2  # bump when decoding, resizing or the layout changes, so old caches are not reused
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -57,98 +55,15 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")) / "datasets"
 
 
-# --------------------------------------------------------------------------------------
-# Sources: each yields (name, read) pairs; read() opens the image lazily.
+@dataclass
+class Processes:
+    """The processes that open a cache together: this one's rank among them, and how they meet. One process by
+    default; training passes its ranks (a barrier, and a broadcast of rank 0's value to all)."""
 
-
-def _digits_source() -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits().images  # (1797, 8, 8) floats in 0..16, shipped inside scikit-learn
-    # Ink is dark on white, as on paper; the 8x8 digits are bold strokes with a blank border.
-    pixels = (255 - np.clip(digits * 16, 0, 255)).astype(np.uint8)
-    items = [(f"digits[{i}]", (lambda a=a: Image.fromarray(a, "L"))) for i, a in enumerate(pixels)]
-    return {"source": "digits", "count": len(items)}, items
-
-
-def _folder_source(path: str) -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise UserError(f"data.path: folder {root} does not exist")
-    if not root.is_dir():
-        raise UserError(f"data.path: {root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"data.path: folder {root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    # The fingerprint changes when a file is added, removed or rewritten, so the cache is rebuilt.
-    fingerprint = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        fingerprint.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    spec = {"source": "folder", "path": str(root.resolve()), "files": fingerprint.hexdigest()}
-    return spec, [(str(p), (lambda p=p: Image.open(p))) for p in files]
-
-
-def _hf_source(cfg: DataConfig) -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
-    import datasets
-
-    local = Path(cfg.path).expanduser()
-    try:
-        if local.is_dir():
-            ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                if cfg.split not in ds:
-                    raise UserError(f"data.split: {cfg.split!r} is not in {local} (splits: {', '.join(ds)})")
-                ds = ds[cfg.split]
-            spec = {"source": "hf", "path": str(local.resolve()), "fingerprint": ds._fingerprint}
-        else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split)
-            spec = {"source": "hf", "path": cfg.path, "split": cfg.split, "fingerprint": ds._fingerprint}
-    except UserError:
-        raise
-    except FileNotFoundError as e:
-        raise UserError(f"data.path: dataset {cfg.path!r} not found locally or on the Hub ({e})") from None
-    except Exception as e:  # datasets raises many types: offline, missing split, bad repo id
-        raise UserError(
-            f"data.path: cannot load dataset {cfg.path!r} split {cfg.split!r} "
-            f"({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
-    if cfg.image_column not in ds.column_names:
-        raise UserError(
-            f"data.image_column: {cfg.image_column!r} is not a column of {cfg.path} "
-            f"(columns: {', '.join(ds.column_names)})"
-        )
-    if len(ds) == 0:
-        raise UserError(f"data.path: dataset {cfg.path!r} split {cfg.split!r} is empty")
-    spec["split"], spec["column"] = cfg.split, cfg.image_column
-    feature = ds.features[cfg.image_column]
-    if isinstance(feature, datasets.Image):  # decode ourselves, so a corrupt row is named and handled
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
-
-    def reader(i: int) -> Callable[[], Image.Image]:
-        def read() -> Image.Image:
-            value = ds[i][cfg.image_column]
-            if isinstance(value, Image.Image):
-                return value
-            if isinstance(value, dict):
-                return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-            raise BadImageError(f"column {cfg.image_column!r} holds {type(value).__name__}, not images")
-
-        return read
-
-    return spec, [(f"{cfg.path}[{cfg.split}][{i}]", reader(i)) for i in range(len(ds))]
-
-
-def _source(cfg: DataConfig) -> tuple[dict, list[tuple[str, Callable[[], Image.Image]]]]:
-    if cfg.source == "digits":
-        return _digits_source()
-    if cfg.source == "folder":
-        return _folder_source(cfg.path)
-    return _hf_source(cfg)
-
-
-# --------------------------------------------------------------------------------------
-# The cache.
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None)
+    broadcast: Callable[[Any], Any] = field(default=lambda value: value)
 
 
 @dataclass
@@ -158,6 +73,9 @@ class ImageCache:
     path: Path
     shards: list[np.ndarray]
     meta: dict
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])]).astype(np.int64)
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -172,111 +90,233 @@ class ImageCache:
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows in the given order; each shard is read with sorted indices, touching only those pages."""
-        size = self.meta["shard_size"]
+        indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), self.resolution, self.resolution, self.channels), dtype=np.uint8)
-        shard_of = indices // size
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
-            rows = indices[where] - s * size
+            rows = indices[where] - self.starts[s]
             order = np.argsort(rows)
             out[where[order]] = self.shards[s][rows[order]]
         return out
 
 
-def open_cache(cfg: DataConfig, show_progress: bool = True) -> ImageCache:
-    """Open the cache for this source and preprocessing, building it first if it is missing."""
-    spec, items = _source(cfg)
-    key_fields = dict(
-        spec,
+def open_cache(
+    cfg: DataConfig, show_progress: bool = True, processes: Processes | None = None, listed_after: float = 0.0
+) -> ImageCache:
+    """Open the cache of this source and preprocessing, building it first (split over `processes`) where it is
+    missing or the source changed. `listed_after`: a listing taken before this time is taken again (a prepare
+    array's submission time; `data.refresh` means now)."""
+    procs = processes or Processes()
+    root = cache_root(cfg)
+    if cfg.refresh:
+        listed_after = max(listed_after, time.time())
+    plan = procs.broadcast(plan_cache(cfg, root, listed_after) if procs.rank == 0 else None)
+    if plan["build"]:
+        build_parts(cfg, root / plan["build"], procs.rank, procs.world, show_progress and procs.rank == 0)
+        procs.barrier()
+        if procs.rank == 0:
+            finish_build(cfg, root, plan)
+        procs.barrier()
+    path = root / plan["content"]
+    if cfg.stage_dir:
+        from ddpm.staging import stage
+
+        path = stage(path, cfg.stage_dir, show_progress)
+    return load_cache(path)
+
+
+def load_cache(path: Path) -> ImageCache:
+    meta = json.loads((path / "meta.json").read_text())
+    shards = [
+        np.load(path / f"shard-{i:05d}.npy", mmap_mode="r") if n else np.empty((0,), dtype=np.uint8)
+        for i, n in enumerate(meta["shard_counts"])
+    ]
+    return ImageCache(path=path, shards=shards, meta=meta)
+
+
+# --------------------------------------------------------------------------------------
+# Which cache: the index, checked without touching the source's files.
+
+
+def _key_fields(cfg: DataConfig) -> dict:
+    return dict(
+        source_spec(cfg),
         resolution=cfg.resolution,
         channels=cfg.image_channels,
         center_crop=cfg.center_crop,
         on_bad_image=cfg.on_bad_image,
         max_image_pixels=cfg.max_image_pixels,
+        shard_size=cfg.shard_size,
         version=CACHE_VERSION,
     )
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root(cfg) / f"{spec['source']}-{cfg.resolution}px-{key}"
-    if not (path / "meta.json").is_file():
-        # decode_image checks the size against data.max_image_pixels itself, on the header, with a message
-        # naming the setting; PIL's own guard would fire first with its own limit, so it is lifted meanwhile.
-        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        # a truncated file is an error, not a grey band
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_cache(cfg: DataConfig, root: Path, listed_after: float = 0.0) -> dict:
+    """{"content": directory name, "build": "" when complete, else the build directory's name}. The source is
+    listed only when its index is missing, older than `listed_after`, or a folder of it changed."""
+    key_fields = _key_fields(cfg)
+    name = _index_name(cfg)
+    index_file = root / f"{name}.json"
+    with exclusive(root / f".{name}.lock"):  # tasks starting together list the source once
+        index = _read_json(index_file)
+        fresh = index is not None and index["listed_at"] >= listed_after and unchanged(index["folders"])
+        if fresh:
+            if (root / index["content"] / "meta.json").is_file():
+                return {"content": index["content"], "build": ""}
+            if (root / _build_name(index["content"]) / "listing.json").is_file():
+                return {"content": index["content"], "build": _build_name(index["content"])}
+        started = time.time()
+        listing = list_source(cfg)  # the only per-file work on the source
+        content = f"{name.rsplit('-', 1)[0]}-{_hash([key_fields, listing.fingerprint])}"
+        if index is not None and index["content"] != content:  # an unfinished build of content that is gone
+            shutil.rmtree(root / _build_name(index["content"]), ignore_errors=True)
+        build = ""
+        if not (root / content / "meta.json").is_file():
+            build = _build_name(content)
+            listing_file = root / build / "listing.json"
+            if not listing_file.is_file():
+                write_json(
+                    listing_file, {"spec": listing.spec, "fingerprint": listing.fingerprint, "names": listing.names}
+                )
+        write_json(
+            index_file, {"config": key_fields, "content": content, "folders": listing.folders, "listed_at": started}
+        )
+        log.info(
+            "listed %s: %d images in %.1f s",
+            key_fields.get("path", "digits"),
+            len(listing.names),
+            time.time() - started,
+        )
+        return {"content": content, "build": build}
+
+
+def _index_name(cfg: DataConfig) -> str:
+    key_fields = _key_fields(cfg)
+    return f"{key_fields['source']}-{cfg.resolution}px-{_hash(key_fields)}"
+
+
+def _build_name(content: str) -> str:
+    return f".build-{content}"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Building: parts decoded by every process, then one meta.json.
+
+
+def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1, show_progress: bool = True) -> None:
+    """Decode this process's parts (p % world == rank) that are not written yet."""
+    listing = json.loads((build_dir / "listing.json").read_text())
+    names, size = listing["names"], cfg.shard_size
+    parts = [p for p in range(_num_parts(len(names), size)) if p % world == rank]
+    todo = [p for p in parts if not (build_dir / f"part-{p:05d}.json").is_file()]
+    if not todo:
+        return
+    items = Items(cfg, listing["spec"])
+    total = sum(len(names[p * size : (p + 1) * size]) for p in todo)
+    res, channels = cfg.resolution, cfg.image_channels
+
+    def decode(name: str) -> tuple[np.ndarray | None, bool | str]:
+        shown = items.display_name(name)
         try:
-            _build_cache(path, items, cfg, key_fields, show_progress)
-        finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    meta = json.loads((path / "meta.json").read_text())
-    shards = [np.load(path / f"shard-{i:05d}.npy", mmap_mode="r") for i in range(meta["num_shards"])]
-    return ImageCache(path=path, shards=shards, meta=meta)
-
-
-def _build_cache(path: Path, items: list, cfg: DataConfig, key_fields: dict, show_progress: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{unique_suffix()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    res, size = cfg.resolution, cfg.shard_size
-    buffer = np.empty((min(size, len(items)), res, res, cfg.image_channels), dtype=np.uint8)
-    filled, count, num_shards, upsampled = 0, 0, 0, 0
-    skipped: list[str] = []
-
-    def decode(item: tuple[str, Callable]) -> tuple[str, np.ndarray | None, bool | str]:
-        name, read = item
-        try:
-            array, up = decode_image(read, name, res, cfg.center_crop, cfg.max_image_pixels, cfg.image_channels)
-            return name, array, up
+            return decode_image(items.reader(name), shown, res, cfg.center_crop, cfg.max_image_pixels, channels)
         except BadImageError as e:
-            return name, None, str(e)
+            return None, str(e)
 
-    def flush() -> None:
-        nonlocal filled, num_shards
-        np.save(tmp / f"shard-{num_shards:05d}.npy", buffer[:filled])
-        num_shards, filled = num_shards + 1, 0
-
+    # decode_image checks the size against data.max_image_pixels itself, on the header, with a message naming the
+    # setting; PIL's own guard would fire first with its own limit, so it is lifted meanwhile. A truncated file is
+    # an error, not a grey band.
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+    source = listing["spec"].get("path", listing["spec"]["source"])
+    progress = tqdm(
+        total=total, desc=f"caching {source} at {res}px", unit="img", disable=not show_progress, mininterval=1.0
+    )
     try:
         # Threads: PIL releases the GIL while decoding and resizing.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            progress = tqdm(
-                pool.map(decode, items),
-                total=len(items),
-                desc=f"caching {key_fields['source']} at {res}px",
-                unit="img",
-                disable=not show_progress,
-                mininterval=1.0,
-            )
-            for _name, array, status in progress:
-                if array is None:
-                    if cfg.on_bad_image == "error":
-                        pool.shutdown(wait=False, cancel_futures=True)  # report now, not after decoding the rest
-                        raise BadImageError(f"{status} (set data.on_bad_image=skip to skip bad files)")
-                    skipped.append(status)
-                    continue
-                upsampled += bool(status)
-                buffer[filled] = array
-                filled, count = filled + 1, count + 1
-                if filled == size:
-                    flush()
-        if filled:
-            flush()
+        with ThreadPoolExecutor(max_workers=cfg.decode_threads) as pool:
+            for p in todo:
+                if not build_dir.is_dir():  # another job building the same content finished it meanwhile
+                    return
+                chunk = names[p * size : (p + 1) * size]
+                arrays, skipped, upsampled = [], [], 0
+                for array, status in pool.map(decode, chunk):
+                    progress.update(1)
+                    if array is None:
+                        if cfg.on_bad_image == "error":
+                            pool.shutdown(wait=False, cancel_futures=True)  # report now, not after the rest
+                            raise BadImageError(f"{status} (set data.on_bad_image=skip to skip bad files)")
+                        skipped.append(status)
+                        continue
+                    upsampled += bool(status)
+                    arrays.append(array)
+                rows = np.stack(arrays) if arrays else np.empty((0, res, res, channels), dtype=np.uint8)
+                _save_whole(build_dir / f"shard-{p:05d}.npy", lambda f, rows=rows: np.save(f, rows))
+                # the part's record comes last: a part with a record is complete
+                write_json(
+                    build_dir / f"part-{p:05d}.json", {"count": len(rows), "skipped": skipped, "upsampled": upsampled}
+                )
+    finally:
+        progress.close()
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def finish_build(cfg: DataConfig, root: Path, plan: dict) -> bool:
+    """Write meta.json and move the build into place once every part is written; True when the cache is complete
+    (by this call or an earlier one). Safe to call from every task: the first that sees all parts finishes."""
+    content, build_dir = root / plan["content"], root / plan["build"]
+    with exclusive(root / f".{_index_name(cfg)}.lock"):
+        if (content / "meta.json").is_file():
+            return True
+        listing = json.loads((build_dir / "listing.json").read_text())
+        n = _num_parts(len(listing["names"]), cfg.shard_size)
+        records = [_read_json(build_dir / f"part-{p:05d}.json") for p in range(n)]
+        if any(r is None for r in records):
+            return False
+        count = sum(r["count"] for r in records)
+        skipped = [s for r in records for s in r["skipped"]]
+        upsampled = sum(r["upsampled"] for r in records)
         if count == 0:
             raise UserError(
-                f"data: no usable image in {key_fields.get('path', key_fields['source'])} "
-                f"({len(skipped)} skipped as bad)"
+                f"data: no usable image in {listing['spec'].get('path', 'the source')} ({len(skipped)} skipped as bad)"
             )
         meta = dict(
-            key_fields, count=count, shard_size=size, num_shards=num_shards, skipped=skipped, upsampled=upsampled
+            _key_fields(cfg),
+            fingerprint=listing["fingerprint"],
+            count=count,
+            num_shards=n,
+            shard_counts=[r["count"] for r in records],
+            skipped=skipped,
+            upsampled=upsampled,
         )
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            tmp.rename(path)  # atomic: a cache directory is complete or absent
-        except OSError:
-            if not (path / "meta.json").is_file():  # another process won the race with a complete cache: use it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for p in range(n):
+            (build_dir / f"part-{p:05d}.json").unlink()
+        (build_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        build_dir.rename(content)  # atomic: a content directory is complete or absent
     if upsampled:
-        log.warning("%d of %d images are smaller than %dpx and were upsampled", upsampled, count, res)
+        log.warning("%d of %d images are smaller than %dpx and were upsampled", upsampled, count, cfg.resolution)
     if skipped:
-        log.warning("skipped %d bad images (listed in %s/meta.json); first: %s", len(skipped), path, skipped[0])
+        log.warning("skipped %d bad images (listed in %s/meta.json); first: %s", len(skipped), content, skipped[0])
+    return True
+
+
+def _num_parts(count: int, size: int) -> int:
+    return max(1, -(-count // size))
+
+
+def _save_whole(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +30,17 @@ def no_world_writable_files() -> None:
     """Whatever a job writes (run directories, checkpoints, locks, pipelines) is never writable by other users of a
     shared machine, whatever umask the job was started with; group write stays the user's choice."""
     os.umask(os.umask(0) | 0o002)
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Held by one process at a time, on this node or another: an fcntl lock of `lock_file` (fcntl locks hold
+    across NFS and Lustre clients mounted with locking; where they are node-local, callers must stay correct,
+    only slower, when two holders overlap)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

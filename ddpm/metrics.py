@@ -15,6 +15,8 @@ figure: FID falls as the number of images grows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -236,7 +238,12 @@ def reference_data(spec: str, resolution: int, run_dir: Path | None = None) -> D
 
 def describe_reference(data: DataConfig) -> str:
     """The reference dataset in a result row: the same words for the same data, whoever scored."""
-    where = {"digits": "digits", "folder": f"folder:{data.path}", "hf": f"hf:{data.path}:{data.split}"}[data.source]
+    where = {
+        "digits": "digits",
+        "folder": f"folder:{data.path}",
+        "hf": f"hf:{data.path}:{data.split}",
+        "webdataset": f"webdataset:{data.path}",
+    }[data.source]
     return f"{where} at {data.resolution}px"
 
 
@@ -246,21 +253,37 @@ def reference_features(space, data: DataConfig, num_images: int = 0, warn: bool 
     from ddpm.data import cache_root, open_cache
     from ddpm.images import as_rgb
 
-    cache = open_cache(data)
-    n = len(cache) if num_images <= 0 else min(num_images, len(cache))
-    if warn and num_images > len(cache):
-        log.warning(
-            "the reference has %d images, fewer than the %d asked for; using all of them", len(cache), num_images
-        )
-    path = cache_root(data).parent / "reference-features" / f"{space.id}-{cache.path.name}-{n}.npy"
-    if path.is_file():
-        return np.load(path)
-    indices = np.sort(np.random.default_rng(0).permutation(len(cache))[:n])
+    if data.source == "webdataset":  # streamed data has no cache: the first images of the shards, by name
+        from ddpm.shards import first_images, open_shards
+
+        shards = open_shards(data)
+        n = len(shards) if num_images <= 0 else min(num_images, len(shards))
+        which = json.dumps([str(shards.root.resolve()), shards.names, shards.counts, data.image_channels])
+        name = f"webdataset-{hashlib.sha256(which.encode()).hexdigest()[:16]}"
+        path = cache_root(data).parent / "reference-features" / f"{space.id}-{name}-{data.resolution}px-{n}.npy"
+        if path.is_file():
+            return np.load(path)
+        images = first_images(data, n)
+        take = images.__getitem__
+        indices = np.arange(len(images))
+        n = len(images)
+    else:
+        cache = open_cache(data)
+        n = len(cache) if num_images <= 0 else min(num_images, len(cache))
+        if warn and num_images > len(cache):
+            log.warning(
+                "the reference has %d images, fewer than the %d asked for; using all of them", len(cache), num_images
+            )
+        path = cache_root(data).parent / "reference-features" / f"{space.id}-{cache.path.name}-{n}.npy"
+        if path.is_file():
+            return np.load(path)
+        indices = np.sort(np.random.default_rng(0).permutation(len(cache))[:n])
+        take = cache.take
     chunks = []
     for i in tqdm(
         range(0, n, 1000), desc=f"reference features ({space.name}, {n} images)", unit="chunk", mininterval=1.0
     ):
-        chunks.append(space(as_rgb(cache.take(indices[i : i + 1000]))))
+        chunks.append(space(as_rgb(take(indices[i : i + 1000]))))
     feats = np.concatenate(chunks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp.npy")

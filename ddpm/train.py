@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ddpm.batches import BatchLoader, BatchOrder, to_model_input
 from ddpm.checkpoint import TrainingState, restore_training_state, save_training_state
 from ddpm.config import Config, dump_yaml, to_dict
-from ddpm.data import open_cache
+from ddpm.data import Processes, open_cache
 from ddpm.device import resolve_placement
 from ddpm.ema import EMA
 from ddpm.errors import RunStopped
@@ -42,6 +42,7 @@ from ddpm.model import architecture, build_unet
 from ddpm.sample import generate, make_grid, make_sampler
 from ddpm.schedule import NoiseProcess, build_scheduler
 from ddpm.scores import append_score, drop_training_scores_after, read_scores
+from ddpm.shards import ShardLoader, ShardOrder, open_shards
 from ddpm.tracking import Tracker, run_metadata
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def train(cfg: Config) -> Path | None:
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=resolve_placement(_local_device(), t.mixed_precision).accelerate_precision,
         gradient_accumulation_steps=t.grad_accum,
-        # Ranks other than 0 wait for the data cache that rank 0 builds: give them time (cluster profiles set it).
+        # Ranks wait for each other while the data cache is built (and rank 0 lists the source): give them time
+        # (cluster profiles set it).
         kwargs_handlers=[
             InitProcessGroupKwargs(timeout=timedelta(minutes=float(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "60"))))
         ],
@@ -141,17 +143,33 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         accelerator.is_main_process,
     )
 
-    # Data: rank 0 decodes the source once into the cache; the other ranks then map it.
-    with accelerator.main_process_first():
-        cache = open_cache(cfg.data, show_progress=is_main)
-    if is_main:
-        lock.refresh()  # the cache build can take long: show other hosts that this run is alive
-        # data.on_bad_image=skip: which files this run trained without, beside its outputs
-        if cache.meta.get("skipped"):
+    # Data: a cache that every rank helps to build where it is missing (rank 0 alone checks the source), or shards
+    # streamed from the data's own folder.
+    pin_memory = device.type == "cuda"
+    if cfg.data.source == "webdataset":
+        shards = open_shards(cfg.data)
+        order = ShardOrder(shards.counts, t.batch_size, cfg.seed, rank, world)
+        dataset_images = len(shards)
+
+        def open_loader(epoch: int, batch: int) -> ShardLoader:
+            return ShardLoader(shards, order, cfg.data, epoch, batch, pin_memory)
+
+    else:
+        processes = Processes(rank, world, accelerator.wait_for_everyone, lambda v: broadcast_object_list([v])[0])
+        cache = open_cache(cfg.data, show_progress=is_main, processes=processes)
+        if is_main and cache.meta.get("skipped"):
+            # data.on_bad_image=skip: which files this run trained without, beside its outputs
             write_json(
                 run_dir / "skipped_images.json", {"count": len(cache.meta["skipped"]), "images": cache.meta["skipped"]}
             )
-    order = BatchOrder(len(cache), t.batch_size, cfg.seed, rank, world)
+        order = BatchOrder(len(cache), t.batch_size, cfg.seed, rank, world)
+        dataset_images = len(cache)
+
+        def open_loader(epoch: int, batch: int) -> BatchLoader:
+            return BatchLoader(cache, order, epoch, batch, pin_memory)
+
+    if is_main:
+        lock.refresh()  # the cache build can take long: show other hosts that this run is alive
     steps_per_epoch = order.batches_per_epoch / t.grad_accum  # optimizer steps run on across epoch boundaries
     total = t.max_steps or max(1, t.epochs * order.batches_per_epoch // t.grad_accum)
     images_per_step = t.batch_size * t.grad_accum * world  # e.g. 64 x 1 x 1 = 64 images per optimizer step
@@ -207,7 +225,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
             "mixed_precision": accelerator.mixed_precision,
             "total_steps": total,
             "images_per_step": images_per_step,
-            "dataset_images": len(cache),
+            "dataset_images": dataset_images,
         },
     }
     tracker = Tracker(
@@ -280,7 +298,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
     if owed:
         evaluate()
-    loader = BatchLoader(cache, order, epoch, batch, pin_memory=device.type == "cuda")
+    loader = open_loader(epoch, batch)
     loss_sum = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0

@@ -129,6 +129,28 @@ class SweepShardTask:
         return submitit.helpers.DelayedSubmission(self, shard)
 
 
+class PrepareTask:
+    """Array task i of n decodes parts i, i+n, ... of the data (jobs.prepare); the task that finds every part written
+    finishes the cache. On the time-limit signal submitit requeues it, and the written parts are kept."""
+
+    def __init__(self, cfg, num_tasks: int):
+        self.cfg, self.num_tasks = cfg, num_tasks
+
+    def __call__(self, task: int) -> str:
+        from jobs import prepare
+
+        _setup_logging()
+        if os.environ.get("DDPM_REQUEUE_BY_HOST"):
+            _requeue_from_host_on(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+        done = prepare.run(dataclasses.replace(self.cfg, part=f"{task}/{self.num_tasks}"))
+        return f"part {task}/{self.num_tasks} done" + (f"; complete: {done}" if done else "")
+
+    def checkpoint(self, task: int):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, task)
+
+
 def _requeue_from_host_on(signal_name: str) -> None:
     """Inside a container, submitit's own requeue (`scontrol requeue` from the task) has no SLURM client: on the
     warning signal, leave at once with the status that asks slurm/container_task.sh to requeue. Finished cells

@@ -140,7 +140,7 @@ def _absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, runs_dir=str(Path(cfg.runs_dir).resolve()), data=data)
 
 
-def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None) -> Submitted:
+def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None, after: str = "") -> Submitted:
     from slurm.entry import TrainTask
 
     cfg = _absolute(cfg)
@@ -149,13 +149,23 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None)
     code, sha = code_snapshot(Path(cfg.runs_dir) / ".code")
     data = [Path(p) for p in (cfg.data.path if cfg.data.source == "folder" else "", cfg.data.cache_dir) if p]
     ex = _executor(
-        profile, logs / "%j", "train", f"train-{cfg.run_name}", code, sha, nodes, binds=[Path(cfg.runs_dir), *data]
+        profile,
+        logs / "%j",
+        "train",
+        f"train-{cfg.run_name}",
+        code,
+        sha,
+        nodes,
+        after=after,
+        binds=[Path(cfg.runs_dir), *data],
     )
     job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node))
     return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
 
 
-def submit_grid(profile: ClusterProfile, cfgs: list[Config], grid_dir: Path, nodes: int | None = None) -> Submitted:
+def submit_grid(
+    profile: ClusterProfile, cfgs: list[Config], grid_dir: Path, nodes: int | None = None, after: str = ""
+) -> Submitted:
     """A training grid as one SLURM array: element i trains cfgs[i] (its own run directory, W&B run and requeues).
     The array's logs and grid.json (its points and their run directories) go to `grid_dir`."""
     from slurm.entry import TrainTask
@@ -167,7 +177,7 @@ def submit_grid(profile: ClusterProfile, cfgs: list[Config], grid_dir: Path, nod
     code, sha = code_snapshot(Path(cfgs[0].runs_dir) / ".code")
     data = {Path(p) for c in cfgs for p in (c.data.path if c.data.source == "folder" else "", c.data.cache_dir) if p}
     binds = [*{Path(c.runs_dir) for c in cfgs}, *data]
-    ex = _executor(profile, logs / "%j", "train", f"grid-{grid_dir.name}", code, sha, nodes, binds=binds)
+    ex = _executor(profile, logs / "%j", "train", f"grid-{grid_dir.name}", code, sha, nodes, after=after, binds=binds)
     jobs = ex.map_array(TrainTask(None, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node), cfgs)
     array_id = jobs[0].job_id.split("_")[0]
     points = [{"task": i, "name": c.run_name, "run_dir": str(c.run_dir)} for i, c in enumerate(cfgs)]
@@ -175,6 +185,30 @@ def submit_grid(profile: ClusterProfile, cfgs: list[Config], grid_dir: Path, nod
 
     write_json(grid_dir / "grid.json", {"array_job": array_id, "points": points})
     return Submitted(f"training grid array ({len(cfgs)} runs)", array_id, jobs[0].paths.stdout, jobs[0].paths.stderr)
+
+
+def submit_prepare(profile: ClusterProfile, cfg, tasks: int) -> Submitted:
+    """An array of `tasks` CPU tasks that decode the data into the cache (or write shards) before training;
+    `cfg` is jobs.prepare.PrepareConfig. A training job submitted with `--after` the array's id starts when every
+    task succeeded. With data.refresh, the source is listed once, by the first task, after the submission."""
+    from ddpm.data import cache_root
+    from slurm.entry import PrepareTask
+
+    data = cfg.data
+    if data.source == "folder" or (data.source == "hf" and Path(data.path).exists()):
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    data = dataclasses.replace(data, cache_dir=str(cache_root(data).resolve()), refresh=False)
+    out = str(Path(cfg.out).resolve()) if cfg.out else ""
+    cfg = dataclasses.replace(cfg, data=data, out=out, listed_after=time.time() if cfg.data.refresh else 0.0)
+    target = Path(out) if out else Path(data.cache_dir)
+    logs = target / ".slurm"
+    check_shared(profile, **{"the prepared data": target, "the SLURM log folder": logs})
+    code, sha = code_snapshot(logs / ".code")
+    binds = [target, Path(data.cache_dir), *([Path(data.path)] if data.source == "folder" else [])]
+    ex = _executor(profile, logs / "%j", "prepare", f"prepare-{target.name}", code, sha, binds=binds)
+    jobs = ex.map_array(PrepareTask(cfg, tasks), list(range(tasks)))
+    array_id = jobs[0].job_id.split("_")[0]
+    return Submitted(f"prepare array ({tasks} tasks)", array_id, jobs[0].paths.stdout, jobs[0].paths.stderr)
 
 
 def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:

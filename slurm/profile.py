@@ -50,11 +50,12 @@ class ClusterProfile:
     signal: Literal["USR1", "USR2", "TERM"] = "USR2"  # sent `signal_lead_s` before the time limit: checkpoint, requeue
     signal_lead_s: int = 120
     max_requeues: int = 10  # time-limit and preemption requeues of one job before it gives up
-    dist_timeout_min: int = 60  # process-group time-out: covers rank 0 building the data cache alone; ends hung ranks
+    dist_timeout_min: int = 60  # process-group time-out: covers building a missing data cache; ends hung ranks
     kill_on_bad_exit: bool = True  # a training task that fails or is killed ends all tasks (srun --kill-on-bad-exit)
     sweep_gpus_per_task: int = 1  # sweep array tasks: GPUs each (0 on CPU clusters)
     sweep_cpus_per_task: int = 8
     sweep_parallel: int = 0  # array tasks running at once; 0: no limit of ours
+    prepare_cpus_per_task: int = 0  # ddpm submit prepare: CPUs of each decoding task (CPU nodes); 0: cpus_per_task
     sbatch_extra: tuple[
         str, ...
     ] = ()  # extra sbatch options for training and sweeps, e.g. ["--exclusive", "--reservation=big"]
@@ -101,7 +102,7 @@ def _extra(profile: ClusterProfile) -> dict[str, Any]:
 
 
 def sbatch_parameters(
-    profile: ClusterProfile, kind: Literal["train", "sweep", "cpu"], nodes: int | None = None
+    profile: ClusterProfile, kind: Literal["train", "sweep", "prepare", "cpu"], nodes: int | None = None
 ) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for a job of this kind (see slurm.launch)."""
     common: dict[str, Any] = {
@@ -113,10 +114,10 @@ def sbatch_parameters(
         common["account"] = profile.account
     if profile.qos:
         common["qos"] = profile.qos
-    if profile.constraint and kind != "cpu":
+    if profile.constraint and kind in ("train", "sweep"):
         common["constraint"] = profile.constraint
-    # --exclusive and the like are for the GPU jobs, not the small CPU ones
-    extra = _extra(profile) if kind != "cpu" else {}
+    # --exclusive and the like are for the GPU jobs, not the CPU ones
+    extra = _extra(profile) if kind in ("train", "sweep") else {}
     if profile.signal != "USR2":  # submitit writes --signal=USR2@lead; the profile's signal replaces it
         extra["signal"] = f"{profile.signal}@{profile.signal_lead_s}"
     if kind == "train":
@@ -151,6 +152,17 @@ def sbatch_parameters(
             params["gpus_per_node"] = profile.sweep_gpus_per_task
         if profile.sweep_parallel:
             params["array_parallelism"] = profile.sweep_parallel
+    elif kind == "prepare":  # decoding: CPU-bound, no GPU, the partition of the small CPU jobs
+        params = {
+            **common,
+            "partition": profile.cpu_job.partition or profile.partition,
+            "nodes": 1,
+            "ntasks_per_node": 1,
+            "cpus_per_task": profile.prepare_cpus_per_task or profile.cpus_per_task,
+            "time": profile.time_min,
+        }
+        if profile.mem_gb:
+            params["mem"] = f"{int(profile.mem_gb)}GB"
     else:
         cpu = profile.cpu_job
         params = {

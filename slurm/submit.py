@@ -15,7 +15,7 @@ from typing import Any
 
 from ddpm.errors import ConfigError, UserError
 
-SUBMITTABLE = ("train", "sweep", "upload")
+SUBMITTABLE = ("train", "prepare", "sweep", "upload")
 
 
 @dataclass
@@ -26,7 +26,8 @@ class SubmitOptions:
     upload: str = ""  # train: also submit an upload of the pipeline to this Hub repo, run if training succeeds
     dry_run_upload: bool = False  # train with --upload: the upload stages and lists only (no network)
     shards: int = 0  # sweep: array tasks (0: one per cell, at most 64)
-    after: str = ""  # upload: start only after this job id succeeded
+    tasks: int = 4  # prepare: array tasks, each decoding every tasks-th part of the data
+    after: str = ""  # train, upload: start only after this job id succeeded (e.g. the prepare job's)
 
     def validate(self) -> None:
         if not self.cluster:
@@ -35,6 +36,8 @@ class SubmitOptions:
             )
         if self.nodes < 0 or self.shards < 0:
             raise ConfigError("--nodes and --shards must be non-negative")
+        if self.tasks < 1:
+            raise ConfigError(f"--tasks must be at least 1, got {self.tasks}")
 
 
 def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
@@ -58,7 +61,7 @@ def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
                 raise UserError(
                     f"--upload: the grid point's repository {repo!r} is not a valid Hub name ({e})"
                 ) from None
-    array = launch.submit_grid(profile, cfgs, grid_dir, opts.nodes or profile.nodes)
+    array = launch.submit_grid(profile, cfgs, grid_dir, opts.nodes or profile.nodes, after=opts.after)
     print(array.describe(), flush=True)
     submitted = [array]
     for i, cfg in enumerate(cfgs):
@@ -110,7 +113,7 @@ def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
     if job == "train":
         _refuse_local_launch(cfg)
         nodes = opts.nodes or profile.nodes
-        train = launch.submit_train(profile, cfg, nodes)
+        train = launch.submit_train(profile, cfg, nodes, after=opts.after)
         print(launch.describe_train(cfg, train, nodes, profile), flush=True)
         submitted.append(train)
         if opts.upload:
@@ -122,6 +125,10 @@ def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
             )
             print(up.describe(), flush=True)
             submitted.append(up)
+    elif job == "prepare":
+        array = launch.submit_prepare(profile, cfg, opts.tasks)
+        print(f"{array.describe()}\n  then: ddpm submit train ... --after {array.job_id}", flush=True)
+        submitted.append(array)
     elif job == "sweep":
         array, merge = launch.submit_sweep(profile, cfg, opts.shards or 64)
         print(f"{array.describe()}\n{merge.describe()}\n  results: {cfg.sweep_dir}", flush=True)

@@ -37,7 +37,8 @@ def _restore_pil_globals():
 
 def folder_cfg(tmp_path, folder, **kw) -> DataConfig:
     kw.setdefault("resolution", 8)
-    return DataConfig(source="folder", path=str(folder), cache_dir=str(tmp_path / "cache"), **kw)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return DataConfig(source="folder", path=str(folder), **kw)
 
 
 def open_quiet(cfg: DataConfig) -> ImageCache:
@@ -146,7 +147,7 @@ def test_digits_second_open_reuses_cache_dir_without_rewriting_memmapped_shards(
     assert all(isinstance(s, np.memmap) for s in second.shards)
     assert np.array_equal(first.take(np.arange(0, 1797, 97)), second.take(np.arange(0, 1797, 97)))
     # Only the one cache directory exists: nothing was built beside it.
-    assert [p for p in first.path.parent.iterdir()] == [first.path]
+    assert [p for p in first.path.parent.iterdir() if p.is_dir()] == [first.path]
 
 
 # --------------------------------------------------------------------------------------
@@ -186,12 +187,131 @@ def test_adding_a_file_to_folder_changes_cache_key_and_rebuilds(tmp_path, three_
     assert near(after.take(np.array([3]))[0], (1, 2, 3), tol=0)
 
 
-def test_rewriting_a_file_in_folder_changes_cache_key(tmp_path, three_images):
+def test_a_file_rewritten_in_place_is_seen_with_data_refresh_only(tmp_path, three_images):
+    """The warm start checks folders, not files (the documented trade): a file rewritten in place keeps its folder's
+    time; data.refresh=true lists the source again and decodes the new content."""
     before = open_quiet(folder_cfg(tmp_path, three_images))
-    solid((200, 100, 0), (20, 20)).save(three_images / "1.png")  # new size and content
-    after = open_quiet(folder_cfg(tmp_path, three_images))
+    solid((200, 100, 0), (20, 20)).save(three_images / "1.png")  # new size and content, same folder entry
+    assert open_quiet(folder_cfg(tmp_path, three_images)).path == before.path
+    after = open_quiet(folder_cfg(tmp_path, three_images, refresh=True))
     assert after.path != before.path
     assert near(after.take(np.array([1]))[0], (200, 100, 0), tol=0)
+    assert near(before.take(np.array([1]))[0], distinct_colors(3)[1], tol=0)  # the old content is untouched
+
+
+def test_a_file_replaced_by_rename_is_seen_at_the_next_start(tmp_path, three_images):
+    """Writing a new file and renaming it over the old one (what careful tools do) changes the folder's time."""
+    before = open_quiet(folder_cfg(tmp_path, three_images))
+    solid((0, 200, 100), (20, 20)).save(three_images / "new.png")
+    (three_images / "new.png").rename(three_images / "2.png")
+    after = open_quiet(folder_cfg(tmp_path, three_images))
+    assert after.path != before.path and len(after) == 3
+    assert near(after.take(np.array([2]))[0], (0, 200, 100), tol=0)
+
+
+def test_a_change_in_a_subfolder_is_seen(tmp_path):
+    folder = make_folder(tmp_path / "nested" / "a" / "b", {"x.png": solid((10, 20, 30))}).parents[1]
+    before = open_quiet(folder_cfg(tmp_path, folder))
+    solid((90, 80, 70)).save(folder / "a" / "b" / "y.png")
+    after = open_quiet(folder_cfg(tmp_path, folder))
+    assert (len(before), len(after)) == (1, 2)
+
+
+def test_warm_start_does_no_per_file_work_on_the_source(tmp_path, monkeypatch):
+    """With a complete cache, a start stats the source's folders only: no listing, no stat or open of any image."""
+    import builtins
+    import os
+
+    rng = np.random.default_rng(0)
+    folder = make_folder(tmp_path / "many", {f"{i:03d}.png": random_image(rng) for i in range(60)})
+    make_folder(folder / "sub", {f"{i:03d}.png": random_image(rng) for i in range(40)})
+    cold = open_quiet(folder_cfg(tmp_path, folder))
+    assert len(cold) == 100
+
+    touched: list[str] = []
+    real_stat, real_scandir, real_open, real_listdir = os.stat, os.scandir, builtins.open, os.listdir
+
+    def watch(real):
+        def call(path, *args, **kwargs):
+            if str(path).startswith(str(folder)):
+                touched.append(f"{real.__name__} {path}")
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", watch(real_stat))
+    monkeypatch.setattr(os, "scandir", watch(real_scandir))
+    monkeypatch.setattr(os, "listdir", watch(real_listdir))
+    monkeypatch.setattr(builtins, "open", watch(real_open))
+    warm = open_quiet(folder_cfg(tmp_path, folder))
+    monkeypatch.undo()
+    assert warm.path == cold.path and len(warm) == 100
+    # the two folders' times, and no file: independent of the number of images
+    assert set(touched) == {f"stat {folder}", f"stat {folder / 'sub'}"}
+
+
+def test_the_cache_built_by_two_processes_is_byte_identical_to_one_process(tmp_path):
+    """Each process decodes the parts p % 2 == rank; the last writes meta.json: the same files as one process."""
+    from ddpm.data import build_parts, cache_root, finish_build, plan_cache
+
+    rng = np.random.default_rng(3)
+    folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng, (10 + i % 5, 12)) for i in range(23)})
+    one = folder_cfg(tmp_path, folder, shard_size=4, cache_dir=str(tmp_path / "one"))
+    single = open_quiet(one)
+
+    two = dataclasses.replace(one, cache_dir=str(tmp_path / "two"))
+    root = cache_root(two)
+    plan = plan_cache(two, root)
+    build_parts(two, root / plan["build"], rank=1, world=2, show_progress=False)
+    assert finish_build(two, root, plan) is False  # rank 0's parts are missing: not complete yet
+    assert not (root / plan["content"]).exists()
+    build_parts(two, root / plan["build"], rank=0, world=2, show_progress=False)
+    assert finish_build(two, root, plan) is True
+    split = open_quiet(two)
+
+    assert split.path.name == single.path.name
+    files = sorted(p.name for p in single.path.iterdir())
+    assert files == sorted(p.name for p in split.path.iterdir()) and len(files) == 6 + 2  # 6 shards, meta, listing
+    for name in files:
+        assert (single.path / name).read_bytes() == (split.path / name).read_bytes(), name
+
+
+def test_a_stopped_build_keeps_its_finished_parts(tmp_path, monkeypatch):
+    from ddpm import data as data_module
+    from ddpm.data import build_parts, cache_root, plan_cache
+
+    rng = np.random.default_rng(4)
+    folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng) for i in range(9)})
+    cfg = folder_cfg(tmp_path, folder, shard_size=3)
+    root = cache_root(cfg)
+    plan = plan_cache(cfg, root)
+    build_parts(cfg, root / plan["build"], rank=1, world=3, show_progress=False)  # part 1 only
+    written = (root / plan["build"] / "shard-00001.npy").stat().st_mtime_ns
+
+    decoded: list[str] = []
+    real = data_module.decode_image
+    monkeypatch.setattr(
+        data_module, "decode_image", lambda read, name, *a: decoded.append(name) or real(read, name, *a)
+    )
+    cache = open_quiet(cfg)
+    assert len(cache) == 9 and len(decoded) == 6  # parts 0 and 2 only
+    assert (cache.path / "shard-00001.npy").stat().st_mtime_ns == written
+
+
+def test_stage_dir_copies_the_cache_once_and_names_an_unset_variable(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    folder = make_folder(tmp_path / "imgs", {f"{i}.png": random_image(rng) for i in range(5)})
+    monkeypatch.setenv("NODE_LOCAL", str(tmp_path / "local"))
+    cached = open_quiet(folder_cfg(tmp_path, folder))
+    staged = open_quiet(folder_cfg(tmp_path, folder, stage_dir="$NODE_LOCAL/job"))
+    assert staged.path == tmp_path / "local" / "job" / "ddpm-cache" / cached.path.name
+    assert np.array_equal(staged.take(np.arange(5)), cached.take(np.arange(5)))
+    mtime = (staged.path / "shard-00000.npy").stat().st_mtime_ns
+    again = open_quiet(folder_cfg(tmp_path, folder, stage_dir="$NODE_LOCAL/job"))
+    assert (again.path / "shard-00000.npy").stat().st_mtime_ns == mtime  # copied once
+    monkeypatch.delenv("NODE_LOCAL")
+    with pytest.raises(UserError, match=r"data.stage_dir: '\$NODE_LOCAL/job' names a variable that is not set"):
+        open_quiet(folder_cfg(tmp_path, folder, stage_dir="$NODE_LOCAL/job"))
 
 
 # --------------------------------------------------------------------------------------
@@ -204,7 +324,7 @@ def test_take_across_shards_matches_direct_decode_for_unsorted_indices(tmp_path)
     cache = open_quiet(folder_cfg(tmp_path, folder, shard_size=3))
     assert len(cache) == 10
     assert cache.meta["num_shards"] == 4 > 1
-    assert [s.shape[0] for s in cache.shards] == [3, 3, 3, 1]
+    assert [s.shape[0] for s in cache.shards] == cache.meta["shard_counts"] == [3, 3, 3, 1]
     assert len(list(cache.path.glob("shard-*.npy"))) == 4
 
     files = sorted(folder.iterdir())
@@ -369,10 +489,15 @@ def test_bad_image_raises_bad_image_error_naming_file(tmp_path, kind):
     assert isinstance(e.value, UserError)
     assert str(bad) in str(e.value)
     assert "on_bad_image=skip" in str(e.value)
-    # A failed build leaves no cache (complete or absent) and no temporary folder behind.
+    # A failed build leaves no cache (a cache is complete or absent) and no part that holds the bad image; once the
+    # file is gone, the next start decodes what is there.
     cache_root = tmp_path / "cache"
-    leftovers = list(cache_root.iterdir()) if cache_root.exists() else []
-    assert leftovers == []
+    assert not [p for p in cache_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert not list(cache_root.rglob("meta.json")) and not list(cache_root.rglob("shard-*.npy"))
+    bad.unlink()
+    cache = open_quiet(folder_cfg(tmp_path, folder))
+    assert len(cache) == 1 and near(cache.take(np.array([0]))[0], (5, 6, 7), tol=0)
+    assert len([p for p in cache_root.iterdir() if p.name.startswith(".build-")]) == 0  # the failed build is gone
 
 
 def test_skip_mode_skips_bad_files_and_lists_them(tmp_path, caplog):

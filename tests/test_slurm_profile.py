@@ -56,7 +56,11 @@ def test_gpu_profile_runs_one_task_per_gpu_and_keeps_the_big_options_off_cpu_job
     )
     cpu = sbatch(profile, "cpu")
     assert "#SBATCH --partition=cpu" in cpu and "#SBATCH --cpus-per-task=4" in cpu and "#SBATCH --mem=16GB" in cpu
-    assert not any("gpus" in line or "exclusive" in line or "constraint" in line for line in cpu)
+    prepare = sbatch(profile, "prepare")
+    assert "#SBATCH --partition=cpu" in prepare and "#SBATCH --cpus-per-task=32" in prepare
+    for script in (cpu, prepare):
+        assert "#SBATCH --nodes=1" in script
+        assert not any(word in script for word in ("gpus", "exclusive", "constraint")), script
     python = python_command(profile, Path("/repo/.venv/bin/python"), [Path("/runs/.code/abc")])
     assert (
         python == "apptainer exec --nv --bind /shared/datasets --bind /shared/cache/ddpm:/cache --bind /runs/.code/abc "
