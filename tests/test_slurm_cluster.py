@@ -224,8 +224,55 @@ def test_a_preempted_job_requeues_itself_and_ends_where_an_uninterrupted_one_doe
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_a_prepare_array_decodes_the_cache_and_training_after_it_decodes_nothing(runs, tmp_path):
+    """`ddpm submit prepare` (two CPU tasks, each its parts), then `ddpm submit train --after` the array: training
+    starts after both tasks succeeded and opens the complete cache without decoding or listing the folder."""
+    from PIL import Image
+
+    folder = tmp_path / "prepare-images"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("RGB", (12, 12), (i * 6, 255 - i * 6, 90)).save(folder / f"{i:02d}.png")
+    data = [
+        "data.source=folder",
+        f"data.path={folder}",
+        f"data.cache_dir={tmp_path / 'prepared-cache'}",
+        "data.resolution=8",
+        "data.shard_size=8",
+    ]
+    r = submit("prepare", "--cluster", "local", "--tasks", "2", *data)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prepare = job_ids(r.stdout)["prepare array (2 tasks)"]
+    assert f"--after {prepare}" in r.stdout
+    r = submit(
+        "train",
+        "--cluster",
+        "local",
+        "--nodes",
+        "1",
+        "--wait",
+        "--after",
+        prepare,
+        "name=after-prepare",
+        f"runs_dir={runs}",
+        *TRAIN,
+        "train.max_steps=20",
+        *data,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    train = job_ids(r.stdout)["train"]
+    assert scontrol(train)["StartTime"] >= max(scontrol(f"{prepare}_{t}")["EndTime"] for t in (0, 1))
+    content = [p for p in (tmp_path / "prepared-cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(content) == 1 and json.loads((content[0] / "meta.json").read_text())["count"] == 40
+    logs = tmp_path / "prepared-cache" / ".slurm" / prepare
+    parts = "".join((logs / f"{prepare}_{t}" / f"{prepare}_{t}_0_log.out").read_text() for t in (0, 1))
+    assert "part 0/2 done" in parts and "part 1/2 done" in parts and "prepared: " in parts
+    err = (runs / "after-prepare" / "slurm" / train / f"{train}_0_log.err").read_text()
+    assert "caching" not in err and "listed" not in err  # no decode, no listing: the warm start
+
+
 def test_a_bad_image_seen_by_rank_0_ends_every_rank_with_its_error(runs, tmp_path):
-    """Rank 0 decodes the data into the cache while rank 1 waits for it in a barrier: rank 0's error must end the
+    """Rank 0 decodes the part holding the bad file while rank 1 waits in a barrier: rank 0's error must end the
     job promptly (not after the profile's 10-minute process-group time-out) and be the job's error."""
     from PIL import Image
 
@@ -419,12 +466,28 @@ def test_a_training_grid_is_one_array_of_scored_runs_grouped_in_wandb_and_compar
 
     grid_runs = tmp_path / "runs"
     r = run_cli(
-        "submit", "train", "--cluster", "local", "--nodes", "1", "--wait", "name=grid", f"runs_dir={grid_runs}",
-        f"data.cache_dir={runs.parent / 'cache'}", *TRAIN, "train.max_steps=20", "train.checkpoint_every=10",
-        "train.eval_every=10", "train.eval_images=16", "train.eval_metric=digitsnet", "tracking.wandb=true",
-        "optim.lr=1e-4,1e-3", "train.batch_size=8,16",
-        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")}, timeout=900,
-    )  # fmt: skip
+        "submit",
+        "train",
+        "--cluster",
+        "local",
+        "--nodes",
+        "1",
+        "--wait",
+        "name=grid",
+        f"runs_dir={grid_runs}",
+        f"data.cache_dir={runs.parent / 'cache'}",
+        *TRAIN,
+        "train.max_steps=20",
+        "train.checkpoint_every=10",
+        "train.eval_every=10",
+        "train.eval_images=16",
+        "train.eval_metric=digitsnet",
+        "tracking.wandb=true",
+        "optim.lr=1e-4,1e-3",
+        "train.batch_size=8,16",
+        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")},
+        timeout=900,
+    )
     print(r.stdout, r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
     array = job_ids(r.stdout)["training grid array (4 runs)"]
