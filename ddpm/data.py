@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
 from ddpm.files import exclusive, unique_suffix, write_json
-from ddpm.images import BadImageError, decode_image
+from ddpm.images import BadImageError, decode_image, pil_limits_lifted
 from ddpm.sources import IMAGE_SUFFIXES, Items, list_source, source_spec, unchanged
 
 __all__ = ["IMAGE_SUFFIXES", "BadImageError", "ImageCache", "Processes", "decode_image", "open_cache"]
@@ -234,18 +233,13 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
         except BadImageError as e:
             return None, str(e)
 
-    # decode_image checks the size against data.max_image_pixels itself, on the header, with a message naming the
-    # setting; PIL's own guard would fire first with its own limit, so it is lifted meanwhile. A truncated file is
-    # an error, not a grey band.
-    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
     source = listing["spec"].get("path", listing["spec"]["source"])
     progress = tqdm(
         total=total, desc=f"caching {source} at {res}px", unit="img", disable=not show_progress, mininterval=1.0
     )
     try:
         # Threads: PIL releases the GIL while decoding and resizing.
-        with ThreadPoolExecutor(max_workers=cfg.decode_threads) as pool:
+        with pil_limits_lifted(), ThreadPoolExecutor(max_workers=cfg.decode_threads) as pool:
             for p in todo:
                 if not build_dir.is_dir():  # another job building the same content finished it meanwhile
                     return
@@ -269,7 +263,6 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
                 )
     finally:
         progress.close()
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def finish_build(cfg: DataConfig, root: Path, plan: dict) -> bool:

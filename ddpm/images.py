@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from ddpm.errors import UserError
 
@@ -46,6 +47,18 @@ def decode_image(
     if channels == 1:
         return np.asarray(rgb.convert("L"), dtype=np.uint8)[..., None], upsampled
     return np.asarray(rgb, dtype=np.uint8), upsampled
+
+
+@contextmanager
+def pil_limits_lifted() -> Iterator[None]:
+    """While decoding with decode_image: it applies data.max_image_pixels itself, on the header, with a message naming
+    the setting (PIL's own guard would fire first with its own limit); a truncated file is an error, not a grey band."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def as_rgb(images: np.ndarray) -> np.ndarray:

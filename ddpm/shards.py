@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
-from ddpm.images import BadImageError, decode_image
+from ddpm.images import BadImageError, decode_image, pil_limits_lifted
 from ddpm.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def _split_name(member: str) -> tuple[str, str]:
 def _read_samples(path: Path, headers_only: bool = False) -> list[tuple[str, bytes]]:
     """(member name, bytes) of each sample's image, in the shard's order."""
     try:
-        data = path.read_bytes()
         samples: dict[str, tuple[str, bytes]] = {}
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        # headers only: tarfile seeks past each member's data; else one sequential read of the whole shard
+        source = {"name": path} if headers_only else {"fileobj": io.BytesIO(path.read_bytes())}
+        with tarfile.open(**source, mode="r:") as tar:
             for m in tar:
                 key, ext = _split_name(m.name)
                 if m.isfile() and ext in _IMAGE_EXTENSIONS and key not in samples:
@@ -240,7 +241,7 @@ class ShardLoader:
             except BadImageError as e:
                 return str(e)
 
-        with _pil_limits_lifted():
+        with pil_limits_lifted():
             results = list(self._pool.map(decode, named))
         arrays = [r for r in results if not isinstance(r, str)]
         bad = [r for r in results if isinstance(r, str)]
@@ -255,22 +256,11 @@ class ShardLoader:
         return batch.pin_memory() if self.pin_memory else batch
 
 
-class _pil_limits_lifted:
-    """decode_image applies data.max_image_pixels itself, naming the setting; a truncated file is an error."""
-
-    def __enter__(self):
-        self.saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
-
-    def __exit__(self, *exc):
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = self.saved
-
-
 def first_images(cfg: DataConfig, count: int) -> np.ndarray:
     """The first `count` good images of the shards in name order, decoded (the reference of the metrics)."""
     shards = open_shards(cfg)
     out: list[np.ndarray] = []
-    with _pil_limits_lifted():
+    with pil_limits_lifted():
         for name in shards.names:
             for member, data in _read_samples(shards.root / name):
                 try:

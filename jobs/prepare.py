@@ -11,17 +11,14 @@ trains. A stopped job keeps its finished parts; run it again to finish.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ddpm.config import DataConfig
+from ddpm.config import Config, DataConfig, validate_config
 from ddpm.errors import ConfigError
 from ddpm.typed_config import build_config, read_tree
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,10 +36,7 @@ class PrepareConfig:
             raise ConfigError("--out is for --format webdataset; the cache goes to data.cache_dir")
         if self.data.source == "webdataset":
             raise ConfigError("data.source=webdataset is streamed as it is: there is nothing to prepare")
-        if self.data.source != "digits" and not self.data.path:
-            raise ConfigError(f"data.path is required when data.source is {self.data.source!r}")
-        if self.data.shard_size <= 0:
-            raise ConfigError(f"data.shard_size must be positive, got {self.data.shard_size}")
+        validate_config(Config(data=self.data))  # the data section's checks, as training makes them
         self.share()
 
     def share(self) -> tuple[int, int]:
