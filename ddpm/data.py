@@ -15,7 +15,8 @@ named by the listing's fingerprint, so a job still reading the old one is not di
 The decode is split in parts of `data.shard_size` images in source order: every process of a job (the training
 ranks, or the tasks of `ddpm prepare`) decodes the parts p with p % processes == rank, each written whole; the last
 step writes meta.json and renames the build into place. The cache is the same, byte for byte, for any number of
-processes, and a build that was stopped keeps its finished parts.
+processes, and a build that was stopped keeps its finished parts. Each part is built under its own lock, so
+independent jobs that start on the same source together (the runs of a grid) share the parts too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.errors import UserError
-from ddpm.files import exclusive, unique_suffix, write_json
+from ddpm.files import claimed, exclusive, unique_suffix, write_json
 from ddpm.images import BadImageError, decode_image, pil_limits_lifted
 from ddpm.sources import IMAGE_SUFFIXES, Items, list_source, source_spec, unchanged
 
@@ -215,7 +216,11 @@ def _read_json(path: Path) -> dict | None:
 
 
 def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1, show_progress: bool = True) -> None:
-    """Decode this process's parts (p % world == rank) that are not written yet."""
+    """Decode this process's parts (p % world == rank) that are not written yet.
+
+    Each part is decoded and written under its own lock, so independent jobs building the same content at once
+    (the runs of a grid, two sweeps) share the parts instead of each decoding all of them: a part another job holds
+    is skipped, then waited for, and decoded here only if that job stopped before writing it."""
     listing = json.loads((build_dir / "listing.json").read_text())
     names, size = listing["names"], cfg.shard_size
     parts = [p for p in range(_num_parts(len(names), size)) if p % world == rank]
@@ -223,7 +228,6 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
     if not todo:
         return
     items = Items(cfg, listing["spec"])
-    total = sum(len(names[p * size : (p + 1) * size]) for p in todo)
     res, channels = cfg.resolution, cfg.image_channels
 
     def decode(name: str) -> tuple[np.ndarray | None, bool | str]:
@@ -233,36 +237,60 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
         except BadImageError as e:
             return None, str(e)
 
+    def build(p: int, pool: ThreadPoolExecutor) -> None:
+        arrays, skipped, upsampled = [], [], 0
+        for array, status in pool.map(decode, names[p * size : (p + 1) * size]):
+            progress.update(1)
+            if array is None:
+                if cfg.on_bad_image == "error":
+                    pool.shutdown(wait=False, cancel_futures=True)  # report now, not after the rest
+                    raise BadImageError(f"{status} (set data.on_bad_image=skip to skip bad files)")
+                skipped.append(status)
+                continue
+            upsampled += bool(status)
+            arrays.append(array)
+        rows = np.stack(arrays) if arrays else np.empty((0, res, res, channels), dtype=np.uint8)
+        _save_whole(build_dir / f"shard-{p:05d}.npy", lambda f: np.save(f, rows))
+        # the part's record comes last: a part with a record is complete
+        record = {"count": len(rows), "skipped": skipped, "upsampled": upsampled}
+        _save_whole(build_dir / f"part-{p:05d}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+
     source = listing["spec"].get("path", listing["spec"]["source"])
+    total = sum(len(names[p * size : (p + 1) * size]) for p in todo)
     progress = tqdm(
         total=total, desc=f"caching {source} at {res}px", unit="img", disable=not show_progress, mininterval=1.0
     )
     try:
         # Threads: PIL releases the GIL while decoding and resizing.
         with pil_limits_lifted(), ThreadPoolExecutor(max_workers=cfg.decode_threads) as pool:
-            for p in todo:
-                if not build_dir.is_dir():  # another job building the same content finished it meanwhile
-                    return
-                chunk = names[p * size : (p + 1) * size]
-                arrays, skipped, upsampled = [], [], 0
-                for array, status in pool.map(decode, chunk):
-                    progress.update(1)
-                    if array is None:
-                        if cfg.on_bad_image == "error":
-                            pool.shutdown(wait=False, cancel_futures=True)  # report now, not after the rest
-                            raise BadImageError(f"{status} (set data.on_bad_image=skip to skip bad files)")
-                        skipped.append(status)
-                        continue
-                    upsampled += bool(status)
-                    arrays.append(array)
-                rows = np.stack(arrays) if arrays else np.empty((0, res, res, channels), dtype=np.uint8)
-                _save_whole(build_dir / f"shard-{p:05d}.npy", lambda f, rows=rows: np.save(f, rows))
-                # the part's record comes last: a part with a record is complete
-                write_json(
-                    build_dir / f"part-{p:05d}.json", {"count": len(rows), "skipped": skipped, "upsampled": upsampled}
-                )
+            held_elsewhere = [p for p in todo if _build_part(build_dir, p, False, build, pool) == "held"]
+            for p in held_elsewhere:
+                _build_part(build_dir, p, True, build, pool)
+    except _BuildMoved:
+        pass  # another job finished this content and moved it into place meanwhile
     finally:
         progress.close()
+
+
+class _BuildMoved(Exception):
+    pass
+
+
+def _build_part(
+    build_dir: Path, p: int, wait: bool, build: Callable[[int, ThreadPoolExecutor], None], pool: ThreadPoolExecutor
+) -> str:
+    """ "held" when another process is building part p (and `wait` is False), else "done" once it is written."""
+    try:
+        with claimed(build_dir / f".part-{p:05d}.lock", wait) as mine:
+            if not mine:
+                return "held"
+            if not (build_dir / f"part-{p:05d}.json").is_file():
+                build(p, pool)
+            return "done"
+    except FileNotFoundError:
+        if build_dir.is_dir():
+            raise
+        raise _BuildMoved from None
 
 
 def finish_build(cfg: DataConfig, root: Path, plan: dict) -> bool:
@@ -293,10 +321,12 @@ def finish_build(cfg: DataConfig, root: Path, plan: dict) -> bool:
             skipped=skipped,
             upsampled=upsampled,
         )
-        for p in range(n):
-            (build_dir / f"part-{p:05d}.json").unlink()
         (build_dir / "meta.json").write_text(json.dumps(meta, indent=1))
         build_dir.rename(content)  # atomic: a content directory is complete or absent
+        # the records and part locks go only now: a job still at work sees them until the build has moved
+        for p in range(n):
+            (content / f"part-{p:05d}.json").unlink()
+            (content / f".part-{p:05d}.lock").unlink(missing_ok=True)
     if upsampled:
         log.warning("%d of %d images are smaller than %dpx and were upsampled", upsampled, count, cfg.resolution)
     if skipped:

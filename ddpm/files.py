@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -44,3 +45,22 @@ def exclusive(lock_file: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def claimed(lock_file: Path, wait: bool) -> Iterator[bool]:
+    """`exclusive` for one piece of work that several jobs may offer to do: yields True when this process holds it;
+    without `wait`, yields False at once while another process holds it. The lock file's folder must exist: one
+    that has gone raises FileNotFoundError (the work was finished and moved meanwhile)."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except OSError as e:  # EAGAIN or EACCES: held elsewhere
+            if wait or e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            held = False
+        yield held
+    finally:
+        os.close(fd)

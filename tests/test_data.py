@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,6 +297,103 @@ def test_a_stopped_build_keeps_its_finished_parts(tmp_path, monkeypatch):
     cache = open_quiet(cfg)
     assert len(cache) == 9 and len(decoded) == 6  # parts 0 and 2 only
     assert (cache.path / "shard-00001.npy").stat().st_mtime_ns == written
+
+
+BUILD_TOGETHER = """
+import json, sys, time
+from pathlib import Path
+from ddpm import data
+from ddpm.config import DataConfig
+
+cfg, gate = DataConfig(**json.loads(sys.argv[1])), Path(sys.argv[2])
+real, decoded = data.decode_image, []
+
+def slow(read, name, *rest):
+    time.sleep(0.05)  # long enough for the two jobs to overlap on every part
+    decoded.append(name)
+    return real(read, name, *rest)
+
+data.decode_image = slow
+(gate / sys.argv[3]).touch()
+while not (gate / "go").exists():
+    time.sleep(0.01)
+cache = data.open_cache(cfg, show_progress=False)
+print(json.dumps({"decoded": len(decoded), "path": str(cache.path), "count": len(cache)}))
+"""
+
+
+def test_two_jobs_building_the_same_cache_at_once_decode_each_image_once(tmp_path):
+    """The runs of a grid start together on one source: they share the parts (a part held by one job is waited for
+    by the other), neither fails when the other moves the finished build into place, and nothing is left over."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(5)
+    folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng) for i in range(24)})
+    cfg = folder_cfg(tmp_path, folder, shard_size=4, workers=1)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_TOGETHER, json.dumps(fields), str(gate), f"ready-{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.time() + 120
+    while not all((gate / f"ready-{i}").exists() for i in range(2)):
+        assert time.time() < deadline and all(j.poll() is None for j in jobs), [j.communicate() for j in jobs]
+        time.sleep(0.05)
+    (gate / "go").touch()
+    results = []
+    for job in jobs:
+        out, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+
+    assert sum(r["decoded"] for r in results) == 24, results  # each of the 6 parts decoded by one job
+    assert results[0]["path"] == results[1]["path"] and results[0]["count"] == 24
+    from ddpm.data import cache_root
+
+    root = cache_root(cfg)
+    assert not list(root.glob(".build-*"))
+    assert sorted(p.name for p in Path(results[0]["path"]).iterdir()) == sorted(
+        [f"shard-{p:05d}.npy" for p in range(6)] + ["meta.json", "listing.json"]
+    )
+
+
+def test_a_job_whose_build_another_job_finished_meanwhile_opens_that_cache(tmp_path, monkeypatch):
+    """Where locks do not reach (a filesystem without them), another job can finish and move the build while this
+    one is decoding a part: this one stops building and opens the finished cache instead of failing."""
+    from ddpm import data as data_module
+    from ddpm.data import build_parts, cache_root, finish_build, plan_cache
+
+    rng = np.random.default_rng(6)
+    folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng) for i in range(9)})
+    cfg = folder_cfg(tmp_path, folder, shard_size=3, workers=1)
+    root = cache_root(cfg)
+    plan = plan_cache(cfg, root)
+    real, finished = data_module.decode_image, []
+
+    def other_job_finishes_first(read, name, *rest):
+        if not finished:
+            finished.append(name)
+            build_parts(cfg, root / plan["build"], show_progress=False)
+            assert finish_build(cfg, root, plan)
+        return real(read, name, *rest)
+
+    monkeypatch.setattr(data_module, "decode_image", other_job_finishes_first)
+    cache = open_quiet(cfg)
+    assert finished and len(cache) == 9 and cache.path == root / plan["content"]
+    assert not (root / plan["build"]).exists()
+    assert sorted(p.name for p in cache.path.iterdir()) == sorted(
+        [f"shard-{p:05d}.npy" for p in range(3)] + ["meta.json", "listing.json"]
+    )
 
 
 def test_stage_dir_copies_the_cache_once_and_names_an_unset_variable(tmp_path, monkeypatch):

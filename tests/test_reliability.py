@@ -86,7 +86,7 @@ def test_sigkill_at_random_moments_resumes_from_the_newest_complete_checkpoint(t
         proc = start_training(overrides)
         deadline = launched + 180
         while time.time() < deadline and proc.poll() is None:  # wait until this launch is writing a newer checkpoint
-            if any(int(p.name.split("-")[-1]) > newest and _made_since(p, launched) for p in ckpts.glob("*step-*")):
+            if any(step > newest and _made_since(p, launched) for p, step in _checkpoint_writes(ckpts)):
                 break  # (a .tmp-step-N left by the previous kill does not count: this launch has not touched it yet)
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.25))
@@ -104,6 +104,12 @@ def test_sigkill_at_random_moments_resumes_from_the_newest_complete_checkpoint(t
     assert final.returncode == 0, final.stderr[-2000:]
     assert_same_weights(straight.run_dir, load_config(None, overrides).run_dir, max_steps)
     report(fault="SIGKILL", injected=kills, during_checkpoint_write=mid_write, resumed=kills, steps_lost=0)
+
+
+def _checkpoint_writes(ckpts: Path) -> list[tuple[Path, int]]:
+    """step-N and .tmp-step-N with their steps; not .trash-step-N-<id>, a pruned one on its way out."""
+    found = (re.fullmatch(r"(?:\.tmp-)?step-(\d+)", p.name) for p in ckpts.glob("*step-*"))
+    return [(ckpts / m.group(0), int(m.group(1))) for m in found if m]
 
 
 def _made_since(path: Path, t: float) -> bool:
