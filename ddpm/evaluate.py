@@ -72,6 +72,7 @@ class Evaluator:
         self._model: tuple[str, Any, Any] | None = None
         self._spaces: dict[int, Any] = {}
         self._reference: dict[tuple, tuple[np.ndarray, str]] = {}
+        self._floors: dict[tuple, float] = {}
 
     def _pipeline(self, path: str):
         """(pipeline, the scheduler it was saved with), loaded once for consecutive calls on the same model."""
@@ -175,7 +176,7 @@ class Evaluator:
             "checkpoint_step": checkpoint_step(path),
         }
         if self.scoring.metric != "none":
-            from ddpm.metrics import distances
+            from ddpm.metrics import METRICS, distances
 
             resolution = images.shape[1]
             ref, described = self._reference_features(path, resolution)
@@ -185,9 +186,19 @@ class Evaluator:
                     "reference_data": described,
                     "reference_images": len(ref),
                     **distances(self.scoring.metric, generated, ref),
+                    f"{METRICS[self.scoring.metric][0]}_floor": self._floor(ref, described, len(images)),
                 }
             )
         return row
+
+    def _floor(self, reference: np.ndarray, described: str, num_images: int) -> float:
+        """The metric's real-vs-real floor at this image count (ddpm.metrics.fd_floor), once per reference."""
+        from ddpm.metrics import fd_floor
+
+        key = (described, len(reference), num_images)
+        if key not in self._floors:
+            self._floors[key] = fd_floor(reference, num_images)
+        return self._floors[key]
 
 
 def training_metric(requested: str) -> str:

@@ -19,6 +19,7 @@ from ddpm.errors import UserError
 from ddpm.evaluate import SEED_STRIDE
 from ddpm.export import run_dir_of
 from ddpm.metrics import METRICS
+from ddpm.sample import sampler_recipe
 from ddpm.scores import best_score, headline, measurement, read_scores
 
 
@@ -100,6 +101,9 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     unet = json.loads((pipeline / "unet" / "config.json").read_text())
     scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+    # the project's default sampler with the settings ddpm.sample gives it on this schedule: what `ddpm sample` runs
+    sampler_cls, sampler_extra = sampler_recipe(DEFAULT_SAMPLER, scheduler)
+    sampler_args = ", ".join(f"{k}={v!r}" for k, v in sampler_extra.items())
     data = cfg.get("data", {})
     dataset = {
         "digits": "scikit-learn's 8x8 handwritten digits (1,797 images, upscaled)",
@@ -155,11 +159,11 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         "## Usage",
         "",
         "```python",
-        "from diffusers import DDPMPipeline, DDIMScheduler",
+        f"from diffusers import DDPMPipeline, {sampler_cls.__name__}",
         "",
         f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
-        'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")',
-        "images = pipe(batch_size=16, num_inference_steps=25).images",
+        f"pipe.scheduler = {sampler_cls.__name__}.from_config(pipe.scheduler.config, {sampler_args})",
+        f"images = pipe(batch_size=16, num_inference_steps={DEFAULT_STEPS}).images",
         "```",
         "",
         "## Training",

@@ -167,12 +167,36 @@ def distances(space: str, generated: np.ndarray, reference: np.ndarray) -> dict[
     }
 
 
+def fd_floor(reference: np.ndarray, num_images: int, repeats: int = 3, seed: int = 0) -> float:
+    """The Fréchet distance that `num_images` images drawn from the reference's own distribution would score
+    against `reference`: the metric's real-vs-real floor, under which no score can be trusted to go, and the scale
+    of a difference that means something at this image count.
+
+    The FD of two finite samples of one distribution is its estimation bias alone, which falls as 1/n + 1/m (Chong
+    & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to find them", sec. 3: FID is linear in
+    1/N). Independent real images beyond the reference are not at hand, so the floor is measured between disjoint
+    random halves of the reference at three sizes (`repeats` splits each), fitted as FD = a (1/n + 1/m), and given
+    at (num_images, len(reference))."""
+    rng = np.random.default_rng(seed)
+    half = len(reference) // 2
+    if half < 2:
+        raise UserError(f"the real-vs-real floor needs at least 4 reference images, got {len(reference)}")
+    xs, ys = [], []
+    for n in sorted({max(2, half // 4), max(2, half // 2), half}):
+        for _ in range(repeats):
+            order = rng.permutation(len(reference))
+            xs.append(2 / n)
+            ys.append(frechet_distance(reference[order[:n]], reference[order[n : 2 * n]]))
+    a = float(np.dot(xs, ys) / np.dot(xs, xs))
+    return a * (1 / num_images + 1 / len(reference))
+
+
 def metric_columns(metric: str) -> list[str]:
     """The columns a metric ("none": images only) adds to a result row, the headline first."""
     if metric == "none":
         return ["seconds_per_image"]
     fd, kd = METRICS[metric]
-    return [fd, kd, f"{kd}_std", "seconds_per_image"]
+    return [fd, kd, f"{kd}_std", f"{fd}_floor", "seconds_per_image"]
 
 
 # --------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def plot_results(title: str, metric: str, rows: list[dict], path: Path) -> None:
                 capsize=3,
                 label=label,
             )
+        floors = [r[f"{y_key}_floor"] for r in rows if r["model"] == model and r.get(f"{y_key}_floor") is not None]
+        if floors:  # what real images score at this count: differences near it mean nothing
+            ax.axhline(float(np.mean(floors)), color="grey", linestyle="--", label="real vs real (floor)")
         ax.set_xscale("log")
         values = [r[y_key] for r in rows if r["model"] == model and r[y_key] > 0]
         if values and max(values) > 5 * min(values):  # one diverging sampler would flatten the others into a line

@@ -31,6 +31,19 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     assert np.isclose(far, 8 * 1.0**2, rtol=1e-6)  # a pure mean shift of 1 in 8 dimensions: ||mu||^2 = 8
 
 
+@pytest.mark.parametrize("num_images", [300, 1000])
+def test_the_real_vs_real_floor_predicts_what_fresh_real_samples_score(num_images):
+    """fd_floor sees only the reference, yet predicts the FD of new draws from the same distribution against it."""
+    from ddpm.metrics import fd_floor
+
+    rng = np.random.default_rng(1)
+    scale = np.linspace(0.5, 2.0, 16)
+    reference = rng.standard_normal((1800, 16)) * scale
+    fresh = [frechet_distance(rng.standard_normal((num_images, 16)) * scale, reference) for _ in range(30)]
+    assert fd_floor(reference, num_images) == pytest.approx(np.mean(fresh), rel=0.1)
+    assert fd_floor(reference, num_images) > fd_floor(reference, 4 * num_images)
+
+
 def test_feature_net_is_trained_deterministically_and_cached(tmp_path):
     first = digits_feature_net(8, tmp_path / "a")
     torch.rand(10)  # the global RNG state must not matter
@@ -82,15 +95,16 @@ def test_evaluate_gives_the_same_figures_twice_and_caches_the_reference(random_p
     first = run_cli(*args, "--out", str(tmp_path / "a.json"), env=env)
     assert first.returncode == 0, first.stderr
     assert "fd_digitsnet:" in first.stdout and "vs 300 reference images (digits at 8px)" in first.stdout
+    assert "fd_digitsnet_floor:" in first.stdout  # what 16 real images would score, printed beside the score
     cached = list((tmp_path / "cache" / "reference-features").glob("digitsnet-*-300.npy"))
     assert len(cached) == 1 and np.load(cached[0]).shape == (300, 64)
     mtime = cached[0].stat().st_mtime_ns
     second = run_cli(*args, "--out", str(tmp_path / "b.json"), env=env)
     assert second.returncode == 0, second.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert a["fd_digitsnet"] > 0 and {k: a[k] for k in ("fd_digitsnet", "kd_digitsnet")} == {
-        k: b[k] for k in ("fd_digitsnet", "kd_digitsnet")
-    }
+    assert a["fd_digitsnet"] > a["fd_digitsnet_floor"] > 0  # an untrained model is far above real images
+    keys = ("fd_digitsnet", "kd_digitsnet", "fd_digitsnet_floor")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     assert cached[0].stat().st_mtime_ns == mtime, "the second evaluation reads the cached reference features"
 
 

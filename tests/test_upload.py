@@ -70,6 +70,24 @@ def test_dry_run_lists_the_commit_and_prints_a_model_card(pipeline):
     assert TOKEN not in r.stdout + r.stderr
 
 
+def test_the_model_cards_usage_code_runs_the_default_sampler_as_ddpm_sample_does(pipeline):
+    """A diffusers user who pastes the card's code gets the scheduler `ddpm sample` would use, setting for setting."""
+    from diffusers import DDPMPipeline
+
+    from ddpm.config import DEFAULT_SAMPLER
+    from ddpm.hub import model_card
+    from ddpm.sample import make_sampler, sampler_settings
+
+    card = model_card(pipeline, "someone/tiny-digits")
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"someone/tiny-digits"', repr(str(pipeline))).replace("batch_size=16", "batch_size=1")
+    scope: dict = {}
+    exec(code, scope)
+    ours = make_sampler(DEFAULT_SAMPLER, DDPMPipeline.from_pretrained(pipeline).scheduler)
+    assert sampler_settings(scope["pipe"].scheduler) == sampler_settings(ours)
+    assert len(scope["images"]) == 1
+
+
 def test_bad_folders_and_repo_ids_fail_in_one_line(pipeline, tmp_path, capsys):
     assert main(["upload", "--pipeline", str(tmp_path), "--repo-id", "someone/x", "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == (
