@@ -16,7 +16,7 @@ help:
 	@echo "make test-slow                                             the long variants: SLURM cluster, fault injection (CI runs both)"
 	@echo "make lint / format                                         ruff: check formatting and lint / fix them"
 	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with the default sampler"
-	@echo "make bench [ARGS=--quick|--ablation]                      speed figures (bench/), appended to docs/benchmarks.md"
+	@echo "make bench [ARGS=--quick|--ablation|--sampling]           speed figures (bench/), appended to docs/benchmarks.md"
 	@echo "make bench-gpu [ARGS=--quick]                             GPU figures: training MFU, sampling at batch 256"
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
 	@echo "make submit-prepare CLUSTER=local [CONFIG=...] [TASKS=4]   decode the data on CPU nodes; then submit-train AFTER=id"

@@ -5,11 +5,12 @@ Every figure is a ratio measured in one run, because the machines are shared and
   transforms per image in a DataLoader, fp32, loss.item() every step, plain AdamW), on the
   tutorial's UNet at 32 px; median of timed windows after warm-up;
 - data: images/s of the cached uint8 path against the per-image PIL path;
-- sampling: seconds per image of DDPM 1000 steps against the fast samplers on the same trained
-  model, with FD-digitsnet (ddpm.metrics) on the same number of images beside each;
+- sampling: images/s at batch 256 of DDPM 1000 steps against the fast samplers on the same trained
+  model (fp32, and the default sampler in the precision "auto" picks: bf16 where the CPU has it), with
+  FD-digitsnet (ddpm.metrics) on the same images beside each (`--sampling`: this stage alone);
 - peak memory of each stage (RSS on CPU, max allocated on GPU): each stage runs in its own child process.
 
-Run: python -m bench [--quick] [--ablation] [--compile] [--pipeline P] [--out F] [--workdir D]
+Run: python -m bench [--quick] [--ablation] [--compile] [--sampling] [--pipeline P] [--out F] [--workdir D]
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 from bench.ablation import stage_step_ablation
 from bench.child import in_child
 from bench.data import make_images, stage_data
-from bench.report import ablation_report, machine, report
-from bench.sampling import FULL_RUNS, QUICK_RUNS, quick_pipeline, stage_sampling
+from bench.report import ablation_report, machine, report, sampling_report
+from bench.sampling import BATCH, FULL_RUNS, QUICK_RUNS, quick_pipeline, stage_sampling
 from bench.training import stage_ddpm_train, stage_reference_train
 
 EXIT_USER_ERROR = 2
@@ -40,6 +41,7 @@ class BenchConfig:
     workdir: str = ""  # scratch space; "" = a temporary directory
     ablation: bool = False  # instead: the training step one change at a time (the table behind the defaults)
     compile: bool = False  # with ablation: also time torch.compile (minutes of compilation on a CPU)
+    sampling: bool = False  # only the sampling table (speed and FD of each sampler on the trained model)
 
 
 def _append(path: str, text: str) -> None:
@@ -51,7 +53,6 @@ def run(cfg: BenchConfig) -> dict:
     """Every stage, each in its own child process; prints the report and appends it to cfg.out when set."""
     import torch
 
-    from ddpm.errors import UserError
 
     gpu = torch.cuda.is_available()
     q = cfg.quick
@@ -66,15 +67,24 @@ def run(cfg: BenchConfig) -> dict:
         return {"ablation": rows}
     windows, window_steps, warmup = (2, 2, 2) if q else (5, 10, 10)
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="ddpm-bench-"))
-    folder = workdir / "images"
-    make_images(folder, 64 if q else 512)
+    args = " ".join(a for a, on in (("--quick", q), ("--sampling", cfg.sampling)) if on)
     results: dict = {
         "machine": machine(),
-        "command": "make bench" + (" ARGS=--quick" if q else ""),
+        "command": "make bench" + (f" ARGS={args}" if " " not in args and args else f' ARGS="{args}"' if args else ""),
         "date": time.strftime("%Y-%m-%d"),
         "quick": q,
     }
     print(f"benchmarking on {results['machine']} (workdir {workdir})", flush=True)
+    if cfg.sampling:
+        results["sampling"] = _sampling(cfg, workdir)
+        text = sampling_report(results)
+        print(text, flush=True)
+        if cfg.out:
+            _append(cfg.out, text)
+            print(f"appended to {cfg.out}")
+        return results
+    folder = workdir / "images"
+    make_images(folder, 64 if q else 512)
 
     data = results["data"] = in_child(stage_data, str(folder), 32, batch, 4 if q else 30)
     print(f"data: PIL {data['pil_img_s']:.0f} img/s, cached {data['cached_img_s']:.0f} img/s", flush=True)
@@ -86,18 +96,24 @@ def run(cfg: BenchConfig) -> dict:
     results["ours_fp32"] = in_child(stage_ddpm_train, *train_args, ["train.mixed_precision=fp32"])
     print(f"train (ddpm, fp32): {results['ours_fp32']['img_s']:.1f} img/s", flush=True)
 
-    pipeline = Path(cfg.pipeline)
-    if not (pipeline / "model_index.json").is_file():
-        if not q:
-            raise UserError(f"no trained model at {pipeline}: run `make train` first (the sampling figures need one)")
-        pipeline = quick_pipeline(workdir)
-    runs = QUICK_RUNS if q else FULL_RUNS
-    results["sampling"] = in_child(stage_sampling, str(pipeline), str(workdir / "cache"), runs, 16 if q else 200)
+    results["sampling"] = _sampling(cfg, workdir)
     print(report(results), flush=True)
     if cfg.out:
         _append(cfg.out, report(results))
         print(f"appended to {cfg.out}")
     return results
+
+
+def _sampling(cfg: BenchConfig, workdir: Path) -> dict:
+    from ddpm.errors import UserError
+
+    pipeline = Path(cfg.pipeline)
+    if not (pipeline / "model_index.json").is_file():
+        if not cfg.quick:
+            raise UserError(f"no trained model at {pipeline}: run `make train` first (the sampling figures need one)")
+        pipeline = quick_pipeline(workdir)
+    runs = QUICK_RUNS if cfg.quick else FULL_RUNS
+    return in_child(stage_sampling, str(pipeline), str(workdir / "cache"), runs, 16 if cfg.quick else BATCH)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile", action="store_true", help="with --ablation: include torch.compile (slow to compile on a CPU)"
     )
+    p.add_argument("--sampling", action="store_true", help="only the sampling table (needs the trained model)")
     return p
 
 
@@ -134,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         ablation=args.ablation,
         compile=args.compile,
+        sampling=args.sampling,
     )
     try:
         run(cfg)

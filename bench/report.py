@@ -77,20 +77,34 @@ def report(r: dict) -> str:
         f"counter) x {ours['img_s']:.1f} img/s = {flops / 1e12:.3f} TFLOP/s achieved. Cache build (one-off): "
         f"{data['cache_build_s']:.1f} s for {data['images']} images.",
         "",
-        f"Sampling with the `make train` model ({smp['num_images']} images per row, seeds 0-{smp['num_images'] - 1}; "
-        f"FD-digitsnet against the {smp['real_images']} real digits, lower is better; peak RSS "
-        f"{smp['peak_rss_mib']:.0f} MiB):",
-        "",
-        "| sampler | steps | precision | s/image | speed-up vs DDPM | FD-digitsnet |",
-        "|---|---|---|---|---|---|",
+        *_sampling_table(smp),
     ]
+    return "\n".join(lines)
+
+
+def sampling_report(r: dict) -> str:
+    """The results of `python -m bench --sampling` as a markdown section."""
+    quick = " (quick mode: sizes too small for speed claims)" if r["quick"] else ""
+    head = [f"### {r['date']}: {r['machine']}", "", f"Command: `{r['command']}`" + quick, ""]
+    return "\n".join(head + _sampling_table(r["sampling"]))
+
+
+def _sampling_table(smp: dict) -> list[str]:
     from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 
+    n = smp["num_images"]
+    lines = [
+        f"Sampling with the `make train` model ({n} images per row in one batch, seeds 0-{n - 1}; FD-digitsnet "
+        f"against the {smp['real_images']} real digits, lower is better; peak RSS {smp['peak_rss_mib']:.0f} MiB):",
+        "",
+        "| sampler | steps | precision | img/s | s/image | speed-up vs DDPM | FD-digitsnet |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base = next(row for row in smp["rows"] if row["sampler"] == "ddpm")
     for row in smp["rows"]:
         default = " (default)" if (row["sampler"], row["steps"]) == (DEFAULT_SAMPLER, DEFAULT_STEPS) else ""
         lines.append(
-            f"| {row['sampler']}{default} | {row['steps']} | {row['precision']} | {row['s_per_img']:.4f} "
-            f"| {base['s_per_img'] / row['s_per_img']:.1f}x | {row['fd']:.2f} |"
+            f"| {row['sampler']}{default} | {row['steps']} | {row['precision']} | {1 / row['s_per_img']:.1f} "
+            f"| {row['s_per_img']:.4f} | {base['s_per_img'] / row['s_per_img']:.1f}x | {row['fd']:.2f} |"
         )
-    return "\n".join(lines)
+    return lines

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.__main__ import BenchConfig, run
-from bench.report import report
+from bench.report import report, sampling_report
 from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ddpm.device import auto_precision
 
@@ -27,6 +27,15 @@ def test_quick_bench_measures_every_stage(tmp_path):
     assert results["data"]["peak_rss_mib"] > 0
     text = report(results)
     assert "| training, tutorial UNet 32 px" in text and "| dpmsolver++ | 10 | fp32 |" in text
+
+
+@pytest.mark.slow
+def test_quick_bench_sampling_alone_reports_images_per_second(tmp_path):
+    results = run(BenchConfig(quick=True, sampling=True, pipeline=str(tmp_path / "none"), workdir=str(tmp_path)))
+    assert set(results) >= {"sampling"} and "ours" not in results  # the training stages did not run
+    text = sampling_report(results)
+    assert 'make bench ARGS="--quick --sampling"' in text and "| img/s |" in text
+    assert "| dpmsolver++ | 10 | fp32 |" in text
 
 
 @pytest.mark.slow
