@@ -56,6 +56,27 @@ def model_fingerprint(path: str) -> str:
         return ""
 
 
+def resolved_sampler(path: str, scheduler: str) -> dict:
+    """The settings the sampler `scheduler` runs with on the model at `path` (ddpm.sample.sampler_settings), read
+    from the model's schedule without loading its weights; {} where the schedule cannot be read. Part of what
+    decides a score: a sampler whose settings changed (in this project or in diffusers) scores again."""
+    from ddpm.sample import sampler_recipe, sampler_settings
+
+    p = Path(path)
+    try:
+        if (p / "manifest.json").is_file():  # a checkpoint: the schedule of its run's config
+            from ddpm.config import load_config
+            from ddpm.schedule import build_scheduler
+
+            trained = dict(build_scheduler(load_config(p.parent.parent / "config.yaml").schedule).config)
+        else:
+            trained = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+        cls, extra = sampler_recipe(scheduler, trained)
+        return sampler_settings(cls.from_config(trained, **extra))
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     name = Path(path).name
     return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else None

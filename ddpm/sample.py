@@ -46,9 +46,12 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # Lu et al. 2022, multistep
     # Its stochastic twin (Lu et al. 2022, sec. 5; second order, diffusers' recommendation for the SDE variant):
     # fresh noise at every step corrects the model's own errors where the deterministic solvers carry them along.
-    # The default (ddpm.config): on the default digits model, FD-digitsnet 4.8, 3.0, 2.8 at 10, 25, 50 steps
-    # against DDPM-1000's 3.57 and DDIM's 38.8, 18.2, 13.6 (1,000 images; docs/benchmarks.md).
-    "sde-dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    # The default (ddpm.config): on the default digits model, FD-digitsnet 4.5 and 2.9 at 10 and 25 steps against
+    # DDPM-1000's 3.57, DDIM's 38.8 and 18.2, and real digits' 2.98 (1,000 images; docs/benchmarks.md). The "heun"
+    # form of its second-order update scored lower than diffusers' default "midpoint" at 5, 10 and 25 steps on
+    # both seeds (10.2 / 4.5 / 2.9 against 11.3 / 4.8 / 3.0); diffusers' docs: the form "slightly affects the
+    # sample quality, especially for a small number of steps".
+    "sde-dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
     "dpmsolver-singlestep": (DPMSolverSinglestepScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),  # Zhao et al. 2023
     "deis": (DEISMultistepScheduler, {}),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.errors import UserError
-from ddpm.evaluate import Evaluator, image_seeds, model_fingerprint
+from ddpm.evaluate import Evaluator, image_seeds, model_fingerprint, resolved_sampler
 from ddpm.export import run_dir_of
 from ddpm.files import write_json
 from ddpm.scores import append_score, model_step, read_scores
@@ -39,6 +39,7 @@ def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
         "model_path": cell.path,
         "model_fingerprint": model_fingerprint(cell.path),
         "scheduler": cell.scheduler,
+        "sampler": resolved_sampler(cell.path, cell.scheduler),
         "steps": cell.steps,
         "seed": cell.seed,
         "num_images": cfg.num_images,
@@ -62,7 +63,7 @@ def finished_row(cfg: SweepConfig, cell: Cell) -> dict | None:
 
 # The settings that make a score of another sweep this cell's score (the cell's name and the model's label and
 # path aside: the same weights give the same images wherever they are).
-REUSED_SETTINGS = ("model_fingerprint", "scheduler", "steps", "seed", "num_images", "metric", "reference",
+REUSED_SETTINGS = ("model_fingerprint", "scheduler", "sampler", "steps", "seed", "num_images", "metric", "reference",
                    "reference_images_asked", "precision_setting", "prompt", "guidance", "negative_prompt")  # fmt: skip
 
 

@@ -59,7 +59,7 @@ def sweep_file(tiny_run, shared_cache, tmp_path, monkeypatch):
 METRICS = ("fd_digitsnet", "kd_digitsnet", "kd_digitsnet_std")
 
 
-def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_file, caplog):
+def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_file, caplog, monkeypatch):
     cfg = sweep_job.load(sweep_file(tracking={"wandb": True, "project": "ddpm-tests"}))
     files = sweep_job.run(cfg)
     rows = json.loads(files["json"].read_text())
@@ -76,8 +76,11 @@ def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_f
         assert r["num_images"] == 12 and r["reference_images"] == 1797 and r["metric"] == "digitsnet"
         assert all(np.isfinite(r[m]) for m in METRICS) and r["fd_digitsnet"] > 0 and r["seconds_per_image"] > 0
         assert "fid" not in r and "kid" not in r  # the offline metric never appears under FID's name
+    # the real-vs-real floor at 12 images against the same reference, beside every score
+    assert len({r["fd_digitsnet_floor"] for r in rows}) == 1 and 0 < rows[0]["fd_digitsnet_floor"]
     header = files["csv"].read_text().splitlines()[0].split(",")
-    assert {"cell", "scheduler", "steps", "seed", "num_images", *METRICS} <= set(header) and "fid" not in header
+    assert {"cell", "scheduler", "steps", "seed", "num_images", *METRICS, "fd_digitsnet_floor"} <= set(header)
+    assert "fid" not in header
     assert len(files["csv"].read_text().splitlines()) == 1 + 4
     assert Image.open(files["plot"]).size[0] >= 400
 
@@ -106,6 +109,15 @@ def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_f
     stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
     sweep_job.run(sweep_job.load(sweep_file(num_images=8)))
     assert all((cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns != t for c, t in stamps.items())
+    # A sampler whose settings changed (in ddpm.sample, or with another diffusers) redoes its own cells only.
+    from ddpm.sample import SAMPLERS
+
+    stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
+    cls, extra = SAMPLERS["ddim"]
+    monkeypatch.setitem(SAMPLERS, "ddim", (cls, {**extra, "timestep_spacing": "leading"}))
+    sweep_job.run(sweep_job.load(sweep_file(num_images=8)))
+    redone = {c for c, t in stamps.items() if (cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns != t}
+    assert redone == {r["cell"] for r in rows if r["scheduler"] == "ddim"}
 
 
 @pytest.mark.slow  # the SLURM array test covers shards + merge too
