@@ -53,7 +53,6 @@ def run(cfg: BenchConfig) -> dict:
     """Every stage, each in its own child process; prints the report and appends it to cfg.out when set."""
     import torch
 
-
     gpu = torch.cuda.is_available()
     q = cfg.quick
     batch = 64 if gpu else 16

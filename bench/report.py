@@ -95,7 +95,8 @@ def _sampling_table(smp: dict) -> list[str]:
     n = smp["num_images"]
     lines = [
         f"Sampling with the `make train` model ({n} images per row in one batch, seeds 0-{n - 1}; FD-digitsnet "
-        f"against the {smp['real_images']} real digits, lower is better; peak RSS {smp['peak_rss_mib']:.0f} MiB):",
+        f"against the {smp['real_images']} real digits, lower is better, where {n} real digits would score "
+        f"{smp['floor']:.2f}; peak RSS {smp['peak_rss_mib']:.0f} MiB):",
         "",
         "| sampler | steps | precision | img/s | s/image | speed-up vs DDPM | FD-digitsnet |",
         "|---|---|---|---|---|---|---|",

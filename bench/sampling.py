@@ -54,7 +54,7 @@ def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], n
     from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, DataConfig
     from ddpm.data import open_cache
     from ddpm.device import resolve_placement
-    from ddpm.metrics import digits_feature_net, features, frechet_distance
+    from ddpm.metrics import digits_feature_net, fd_floor, features, frechet_distance
     from ddpm.sample import generate, make_sampler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,4 +83,5 @@ def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], n
     auto = resolve_placement(device, "auto").precision
     if auto != "fp32":
         rows.append(row(DEFAULT_SAMPLER, DEFAULT_STEPS, auto))
-    return {"rows": rows, "num_images": num_images, "real_images": len(real), **peak_memory()}
+    floor = fd_floor(real_features, num_images)  # what num_images real digits would score: the noise level
+    return {"rows": rows, "num_images": num_images, "real_images": len(real), "floor": floor, **peak_memory()}
