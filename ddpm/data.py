@@ -284,6 +284,8 @@ def _build_part(
         with claimed(build_dir / f".part-{p:05d}.lock", wait) as mine:
             if not mine:
                 return "held"
+            if not build_dir.is_dir():  # moved into place while this process waited for the part
+                raise _BuildMoved
             if not (build_dir / f"part-{p:05d}.json").is_file():
                 build(p, pool)
             return "done"

@@ -93,7 +93,7 @@ class Evaluator:
         self._model: tuple[str, Any, Any] | None = None
         self._spaces: dict[int, Any] = {}
         self._reference: dict[tuple, tuple[np.ndarray, str]] = {}
-        self._floors: dict[tuple, float] = {}
+        self._floors: dict[tuple, float | None] = {}
 
     def _pipeline(self, path: str):
         """(pipeline, the scheduler it was saved with), loaded once for consecutive calls on the same model."""
@@ -212,7 +212,7 @@ class Evaluator:
             )
         return row
 
-    def _floor(self, reference: np.ndarray, described: str, num_images: int) -> float:
+    def _floor(self, reference: np.ndarray, described: str, num_images: int) -> float | None:
         """The metric's real-vs-real floor at this image count (ddpm.metrics.fd_floor), once per reference."""
         from ddpm.metrics import fd_floor
 

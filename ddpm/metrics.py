@@ -167,7 +167,7 @@ def distances(space: str, generated: np.ndarray, reference: np.ndarray) -> dict[
     }
 
 
-def fd_floor(reference: np.ndarray, num_images: int, repeats: int = 3, seed: int = 0) -> float:
+def fd_floor(reference: np.ndarray, num_images: int, repeats: int = 3, seed: int = 0) -> float | None:
     """The Fréchet distance that `num_images` images drawn from the reference's own distribution would score
     against `reference`: the metric's real-vs-real floor, under which no score can be trusted to go, and the scale
     of a difference that means something at this image count.
@@ -176,11 +176,11 @@ def fd_floor(reference: np.ndarray, num_images: int, repeats: int = 3, seed: int
     & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to find them", sec. 3: FID is linear in
     1/N). Independent real images beyond the reference are not at hand, so the floor is measured between disjoint
     random halves of the reference at three sizes (`repeats` splits each), fitted as FD = a (1/n + 1/m), and given
-    at (num_images, len(reference))."""
+    at (num_images, len(reference)). None for fewer than 4 reference images (no two halves to compare)."""
     rng = np.random.default_rng(seed)
     half = len(reference) // 2
     if half < 2:
-        raise UserError(f"the real-vs-real floor needs at least 4 reference images, got {len(reference)}")
+        return None
     xs, ys = [], []
     for n in sorted({max(2, half // 4), max(2, half // 2), half}):
         for _ in range(repeats):

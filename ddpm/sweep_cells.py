@@ -131,7 +131,8 @@ def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
             row = {**cell_settings(cfg, cell), **scores}
             _attach(cfg, cell, row, out)  # before row.json: a cell killed in between is redone, not lost to the run
             write_json(out / "row.json", row)  # last: its presence means the cell is done
-            log.info("  %s", ", ".join(f"{k}={row[k]:.4g}" for k in metric_columns(cfg.metric) if k in row))
+            shown = [f"{k}={row[k]:.4g}" for k in metric_columns(cfg.metric) if row.get(k) is not None]
+            log.info("  %s", ", ".join(shown))
     return len(todo), len(cells) - len(todo)
 
 

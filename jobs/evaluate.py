@@ -98,7 +98,7 @@ def run(cfg: EvaluateConfig) -> dict:
         append_score(run_dir, {**row, "step": step, "source": "evaluate"})
     if cfg.wandb:
         _track(cfg, run_dir, out.parent / out.stem, {**row, "step": step})
-    shown = "\n".join(f"{k}: {row[k]:.6g}" for k in metric_columns(cfg.metric))
+    shown = "\n".join(f"{k}: {row[k]:.6g}" for k in metric_columns(cfg.metric) if row.get(k) is not None)
     print(
         f"{row['num_images']} images ({cfg.scheduler}, {cfg.steps} steps, seed {cfg.seed}) "
         f"vs {row['reference_images']} "

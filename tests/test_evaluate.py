@@ -42,6 +42,7 @@ def test_the_real_vs_real_floor_predicts_what_fresh_real_samples_score(num_image
     fresh = [frechet_distance(rng.standard_normal((num_images, 16)) * scale, reference) for _ in range(30)]
     assert fd_floor(reference, num_images) == pytest.approx(np.mean(fresh), rel=0.1)
     assert fd_floor(reference, num_images) > fd_floor(reference, 4 * num_images)
+    assert fd_floor(reference[:3], num_images) is None  # no two halves to compare: no floor rather than a guess
 
 
 def test_feature_net_is_trained_deterministically_and_cached(tmp_path):
