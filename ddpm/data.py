@@ -1,5 +1,8 @@
 """Training images: decoded and resized once into a memory-mapped uint8 cache, then served as batches.
 
+Long because the index, the split build and its locks are one protocol between jobs: read together, they show
+why a cache directory is always complete or absent, whichever job or rank stops where.
+
 Sources (ddpm.sources): the embedded digits, a local image folder, or a Hugging Face dataset. A source is decoded
 once (ddpm.images) into `<cache>/<content>/shard-*.npy`, (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB); later
 epochs and runs memory-map the shards, so a dataset larger than RAM streams from disk and a rank reads only its

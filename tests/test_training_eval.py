@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ddpm.config import load_config
+from ddpm.config import DEFAULT_SAMPLER, load_config
 from ddpm.scores import best_score, read_scores
 from ddpm.train import train
 from jobs.evaluate import EvaluateConfig
@@ -24,14 +24,14 @@ def feature_cache(shared_cache, monkeypatch):
 
 def _evaluate(checkpoint) -> dict:
     cfg = EvaluateConfig(
-        pipeline=str(checkpoint), metric="digitsnet", num_images=12, scheduler="ddim", steps=2, seed=0,
+        pipeline=str(checkpoint), metric="digitsnet", num_images=12, scheduler=DEFAULT_SAMPLER, steps=2, seed=0,
         precision="fp32", wandb=False,
     )  # fmt: skip
     return evaluate(cfg)
 
 
 def test_scores_at_the_training_step_equal_ddpm_evaluate_of_the_checkpoint(tiny, feature_cache):
-    cfg = load_config(None, tiny(*EVAL, "train.sample_scheduler=ddim"))
+    cfg = load_config(None, tiny(*EVAL))
     train(cfg)
     logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval/fd_digitsnet"] for r in logged if "eval/fd_digitsnet" in r}

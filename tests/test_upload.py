@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddpm.config import DEFAULT_SAMPLER
 from jobs.cli import main
 from tests.conftest import copy_of_tiny_run, report, run_cli
 from tests.hub_server import PUBLIC, HubServer
@@ -292,7 +293,7 @@ def test_model_card_carries_the_published_weights_scores_as_model_index(tiny_run
     assert set(metrics) == {"fd_digitsnet", "kd_digitsnet"}  # only the step-6 weights' scores: those published
     assert metrics["fd_digitsnet"]["value"] == pytest.approx(scores[6]["fd_digitsnet"], rel=1e-5)
     assert "not FID" in metrics["fd_digitsnet"]["name"]
-    assert metrics["fd_digitsnet"]["config"] == "8 images, ddim 2 steps, seeds from 0"
+    assert metrics["fd_digitsnet"]["config"] == f"8 images, {DEFAULT_SAMPLER} 2 steps, seeds from 0"
     # the run's best score is named in the text when a checkpoint, not the published weights, holds it
     best_step = min(scores, key=lambda step: scores[step]["fd_digitsnet"])
     assert ("best FD-digitsnet" in card and "at training step 3" in card) == (best_step == 3)
