@@ -39,12 +39,8 @@ def exclusive(lock_file: Path) -> Iterator[None]:
     across NFS and Lustre clients mounted with locking; where they are node-local, callers must stay correct,
     only slower, when two holders overlap)."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+    with claimed(lock_file, wait=True):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 @contextmanager
@@ -63,4 +59,4 @@ def claimed(lock_file: Path, wait: bool) -> Iterator[bool]:
             held = False
         yield held
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases the lock

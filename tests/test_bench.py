@@ -62,3 +62,17 @@ def test_quick_gpu_bench_runs_every_stage_on_this_machine(tmp_path):
     assert "| ddpm train | 32 | 8 |" in gpu_report(results)
     assert dense_bf16_peak("NVIDIA H100 PCIe") == 756e12 and dense_bf16_peak("NVIDIA H200") == 989.4e12
     assert dense_bf16_peak("Tesla T4") is None  # not in the table: MFU left out rather than guessed
+
+
+@pytest.mark.slow
+def test_sampler_settings_scores_each_variant_with_its_setting_applied(tmp_path):
+    from bench.sampler_settings import run as settings_run
+    from bench.sampler_settings import table
+    from bench.sampling import quick_pipeline
+
+    pipeline = quick_pipeline(tmp_path)
+    rows = settings_run(str(pipeline), "sde-dpmsolver++", 3, ["midpoint", "heun"], 8, [0], tmp_path / "out")
+    assert [r["variant"] for r in rows] == ["midpoint", "heun"]
+    assert all(isinstance(r["fd"][0], float) and r["fd"][0] > 0 and r["floor"] > 0 for r in rows)
+    assert rows[0]["fd"] != rows[1]["fd"]  # each setting reached the sampler
+    assert "| heun | " in table(rows, "sde-dpmsolver++", 3)
