@@ -1,13 +1,13 @@
 """Benchmark job: this project's trainer, data path and samplers against the tutorial's way, side by side.
 
 Every figure is a ratio measured in one run, because the machines are shared and noisy:
-- training: images/s of ddpm.train (its defaults) against the tutorial's loop (torchvision
+- training: images/s of ddpm.training.loop (its defaults) against the tutorial's loop (torchvision
   transforms per image in a DataLoader, fp32, loss.item() every step, plain AdamW), on the
   tutorial's UNet at 32 px; median of timed windows after warm-up;
 - data: images/s of the cached uint8 path against the per-image PIL path;
 - sampling: images/s at batch 256 of DDPM 1000 steps against the fast samplers on the same trained
   model (fp32, and the default sampler in the precision "auto" picks: bf16 where the CPU has it), with
-  FD-digitsnet (ddpm.metrics) on the same images beside each (`--sampling`: this stage alone);
+  FD-digitsnet (ddpm.evaluation.metrics) on the same images beside each (`--sampling`: this stage alone);
 - peak memory of each stage (RSS on CPU, max allocated on GPU): each stage runs in its own child process.
 
 Run: python -m bench [--quick] [--ablation] [--compile] [--sampling] [--pipeline P] [--out F] [--workdir D]

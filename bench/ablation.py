@@ -17,8 +17,8 @@ def stage_step_ablation(batch_size: int, steps: int, with_compile: bool) -> list
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ddpm.config import load_config
-    from ddpm.ema import EMA
-    from ddpm.model import build_unet
+    from ddpm.models.unet import build_unet
+    from ddpm.training.ema import EMA
 
     model_cfg = load_config(None, TUTORIAL_MODEL).model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +74,7 @@ def stage_step_ablation(batch_size: int, steps: int, with_compile: bool) -> list
             lambda e: e.step(params),
         ),
         (
-            "EMA: ddpm.ema.EMA.update (one _foreach_lerp_)",
+            "EMA: ddpm.training.ema.EMA.update (one _foreach_lerp_)",
             lambda: EMA(params, 0.9999, 0.75),
             lambda e: e.update(params),
         ),

@@ -50,9 +50,9 @@ def stage_data(folder: str, resolution: int, batch_size: int, batches: int) -> d
     """Images/s of both paths on the same JPEGs, and the one-off cost of building the cache."""
     import torch
 
-    from ddpm.batches import BatchLoader, BatchOrder, to_model_input
     from ddpm.config import DataConfig
-    from ddpm.data import open_cache
+    from ddpm.data.batches import BatchLoader, BatchOrder, to_model_input
+    from ddpm.data.cache import open_cache
 
     loader = tutorial_loader(Path(folder), resolution, batch_size)
     start, seen = time.perf_counter(), 0

@@ -51,9 +51,9 @@ def stage_sampling_speed(model: str, resolution: int, batch: int, steps: int, ba
 
     from ddpm.config import DEFAULT_SAMPLER, load_config
     from ddpm.device import resolve_placement
-    from ddpm.model import build_unet
-    from ddpm.sample import generate, make_sampler
-    from ddpm.schedule import build_scheduler
+    from ddpm.models.schedule import build_scheduler
+    from ddpm.models.unet import build_unet
+    from ddpm.sampling.sample import generate, make_sampler
 
     cfg = load_config(None, TUTORIAL_MODEL if model == "tutorial" else [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

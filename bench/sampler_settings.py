@@ -1,5 +1,5 @@
 """One sampler under other diffusers settings: each variant scored like a sweep cell (same seeds, same metric), so a
-setting that the named samplers of ddpm.sample do not expose can be measured before it becomes one of them.
+setting that the named samplers of ddpm.sampling.sample do not expose can be measured before it becomes one of them.
 
 Run: python -m bench.sampler_settings --pipeline runs/digits-lr_lr-1.6e-3/pipeline --steps 10
      [--sampler sde-dpmsolver++] [--only heun,karras] [--num-images 1000] [--seeds 0,1]
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# name -> settings on top of the sampler's own (ddpm.sample.sampler_recipe); the table in docs/benchmarks.md
+# name -> settings on top of the sampler's own (ddpm.sampling.sample.sampler_recipe); the table in docs/benchmarks.md
 VARIANTS: dict[str, dict] = {
     "as it is": {},
     "midpoint": {"solver_type": "midpoint"},
@@ -37,8 +37,8 @@ def run(
     pipeline: str, sampler: str, steps: int, variants: list[str], num_images: int, seeds: list[int], workdir: Path
 ) -> list[dict]:
     """A row per variant: {"variant", "fd": [per seed, or the error's first line], "floor"}."""
-    from ddpm import sample
-    from ddpm.evaluate import Evaluator, Scoring, image_seeds
+    from ddpm.evaluation.evaluate import Evaluator, Scoring, image_seeds
+    from ddpm.sampling import sample
 
     cls, own = sample.SAMPLERS[sampler]
     evaluator = Evaluator(Scoring(metric="digitsnet", reference="digits", batch_size=250), "auto", "auto")
@@ -74,13 +74,13 @@ def table(rows: list[dict], sampler: str, steps: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sampler_settings", description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", required=True, help="a trained digits pipeline or checkpoint")
-    p.add_argument("--sampler", default="sde-dpmsolver++", help="a name of ddpm.sample.SAMPLERS")
+    p.add_argument("--sampler", default="sde-dpmsolver++", help="a name of ddpm.sampling.sample.SAMPLERS")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--only", default="", help=f"comma-separated variants; default all: {', '.join(VARIANTS)}")
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--seeds", default="0,1", help="comma-separated; image k of seed s uses s * 1,000,000 + k")
     args = p.parse_args(argv)
-    from ddpm.sample import SAMPLERS
+    from ddpm.sampling.sample import SAMPLERS
 
     variants = [v.strip() for v in args.only.split(",") if v.strip()] or list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]

@@ -24,7 +24,7 @@ BATCH = 256  # images per row, sampled as one batch: the throughput figure of th
 def quick_pipeline(workdir: Path) -> Path:
     """Quick mode without a trained model: a few steps of a tiny model are enough to run the path."""
     from ddpm.config import load_config
-    from ddpm.train import train
+    from ddpm.training.loop import train
 
     cfg = load_config(
         None,
@@ -52,10 +52,10 @@ def stage_sampling(pipeline: str, cache_dir: str, runs: list[tuple[str, int]], n
     from diffusers import DDPMPipeline
 
     from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, DataConfig
-    from ddpm.data import open_cache
+    from ddpm.data.cache import open_cache
     from ddpm.device import resolve_placement
-    from ddpm.metrics import digits_feature_net, fd_floor, features, frechet_distance
-    from ddpm.sample import generate, make_sampler
+    from ddpm.evaluation.metrics import digits_feature_net, fd_floor, features, frechet_distance
+    from ddpm.sampling.sample import generate, make_sampler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DDPMPipeline.from_pretrained(pipeline)

@@ -80,7 +80,7 @@ def stage_ddpm_train(
 
     from ddpm.config import load_config
     from ddpm.device import resolve_placement
-    from ddpm.train import train
+    from ddpm.training.loop import train
 
     name = f"bench-{resolution}px-b{batch_size}-" + (
         "-".join(e.replace("=", "_").replace(".", "_") for e in extra) or "defaults"
@@ -132,7 +132,7 @@ def train_flops_per_image(cfg) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ddpm.model import build_unet
+    from ddpm.models.unet import build_unet
 
     unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.image_channels)
     x = torch.randn(2, cfg.data.image_channels, cfg.data.resolution, cfg.data.resolution)

@@ -21,6 +21,12 @@ from ddpm.typed_config import build_config, dump_yaml, read_tree, to_dict
 # worse. Stochastic: fresh noise at every step corrects the model's errors that an ODE solver integrates. The one
 # place these defaults are written.
 DEFAULT_SAMPLER, DEFAULT_STEPS = "sde-dpmsolver++", 25
+# The samplers' names, for validating configs without importing diffusers; what each one is:
+# ddpm.sampling.sample.SAMPLERS (a test keeps the two in step).
+SAMPLER_NAMES = (
+    "ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", "dpmsolver-singlestep", "unipc", "deis", "euler",
+    "euler-ancestral", "heun", "lms", "pndm", "kdpm2", "kdpm2-ancestral",
+)  # fmt: skip
 # "auto" means what ddpm.device.resolve_placement picks: one meaning for training, sampling and generation.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
@@ -119,7 +125,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     sample_every: int = 1000  # optimizer steps between sample grids; 0: only at the end
     sample_images: int = 64  # images in a sample grid (fixed seeds 0..n-1)
-    sample_scheduler: str = DEFAULT_SAMPLER  # sampler for the grids (see ddpm.sample.SAMPLERS)
+    sample_scheduler: str = DEFAULT_SAMPLER  # sampler for the grids (see ddpm.sampling.sample.SAMPLERS)
     sample_steps: int = DEFAULT_STEPS  # sampler steps for the grids
     # In-training evaluation: the EMA weights sampled with sample_scheduler/sample_steps and seeds 0..n-1 (the seeds
     # of `ddpm evaluate --seed 0`, so the two agree) and scored against the training data; logged as eval/<metric>.
@@ -259,11 +265,9 @@ def validate_config(cfg: Config) -> None:
         f"train.eval_images: FID/KID need at least 2 images, got {t.eval_images}",
     )
     need(t.eval_reference_images >= 2, f"train.eval_reference_images must be at least 2, got {t.eval_reference_images}")
-    from ddpm.sample import SAMPLERS  # local: sample.py imports diffusers
-
     need(
-        t.sample_scheduler in SAMPLERS,
-        f"train.sample_scheduler: {t.sample_scheduler!r} is not one of {', '.join(SAMPLERS)}",
+        t.sample_scheduler in SAMPLER_NAMES,
+        f"train.sample_scheduler: {t.sample_scheduler!r} is not one of {', '.join(SAMPLER_NAMES)}",
     )
     need(
         "/" not in cfg.run_name and cfg.run_name not in (".", ".."),

@@ -38,7 +38,7 @@ def load(path: str | None, overrides: list[str] = (), values: dict | None = None
 
 
 def run(cfg: CompareConfig) -> Path:
-    from ddpm.compare import labels_for, load_run, render
+    from ddpm.evaluation.compare import labels_for, load_run, render
 
     cfg.validate()
     paths = list(dict.fromkeys(Path(r).resolve() for r in cfg.runs))  # a run named twice is shown once

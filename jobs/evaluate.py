@@ -1,6 +1,6 @@
 """Evaluate job: FID and KID (or the offline FD/KD-digitsnet) of one model against a reference dataset.
 
-It calls the same scorer as every sweep cell (ddpm.evaluate.Evaluator): same sampling, same seeds
+It calls the same scorer as every sweep cell (ddpm.evaluation.evaluate.Evaluator): same sampling, same seeds
 (image k of seed s is s * 1,000,000 + k), same metric code, same reference cache.
 """
 
@@ -23,7 +23,7 @@ class EvaluateConfig:
     reference: str = ""  # digits, folder:PATH, hf:NAME[:SPLIT] or a config .yaml; "" = the run's training data
     num_images: int = 1000  # generated images; part of every figure (FID falls as it grows)
     metric: Literal["inception", "digitsnet"] = "inception"  # FID/KID (checked weights), or offline FD/KD-digitsnet
-    scheduler: str = DEFAULT_SAMPLER  # sampler; see ddpm.sample.SAMPLERS
+    scheduler: str = DEFAULT_SAMPLER  # sampler; see ddpm.sampling.sample.SAMPLERS
     steps: int = DEFAULT_STEPS  # sampler steps
     seed: int = 0  # image k uses seed * 1,000,000 + k, as in sweeps
     batch_size: int = 128  # images per forward pass
@@ -36,8 +36,8 @@ class EvaluateConfig:
     wandb: bool = True  # log a W&B evaluate run in the training run's group
 
     def validate(self) -> None:
-        from ddpm.evaluate import SEED_STRIDE
-        from ddpm.sample import SAMPLERS
+        from ddpm.evaluation.evaluate import SEED_STRIDE
+        from ddpm.sampling.sample import SAMPLERS
 
         if not self.pipeline:
             raise ConfigError("--pipeline is required (a pipeline or checkpoint directory)")
@@ -57,10 +57,10 @@ CONFIG = EvaluateConfig
 
 def run(cfg: EvaluateConfig) -> dict:
     """Writes the JSON row (and the images beside it); returns the row with its path under "out"."""
-    from ddpm.evaluate import Evaluator, Scoring, image_seeds, model_fingerprint
-    from ddpm.export import run_dir_of
+    from ddpm.evaluation.evaluate import Evaluator, Scoring, image_seeds, model_fingerprint
+    from ddpm.evaluation.metrics import metric_columns
     from ddpm.files import write_json
-    from ddpm.metrics import metric_columns
+    from ddpm.models.export import run_dir_of
 
     cfg.validate()
     path = Path(cfg.pipeline).resolve()
@@ -91,7 +91,7 @@ def run(cfg: EvaluateConfig) -> dict:
         **scores,
     }
     write_json(out, row)
-    from ddpm.scores import append_score, model_step
+    from ddpm.evaluation.scores import append_score, model_step
 
     step = model_step(path)
     if step is not None:  # a model of a training run: its score belongs to that run too
@@ -109,7 +109,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
 def _track(cfg: EvaluateConfig, run_dir: Path, out_dir: Path, row: dict) -> None:
     from ddpm.config import TrackingConfig, load_config, to_dict
-    from ddpm.metrics import metric_columns
+    from ddpm.evaluation.metrics import metric_columns
     from ddpm.tracking import Tracker, run_metadata
 
     try:

@@ -35,12 +35,12 @@ class GenerateConfig:
     num_images: int = 4  # per prompt
     batch_size: int = 4  # images per pipeline call
     precision: Precision = field(default="auto", metadata={"aliases": ["--dtype"]})  # see ddpm.device
-    scheduler: str = ""  # "" keeps the pipeline's own; else a name from ddpm.sample.SAMPLERS
+    scheduler: str = ""  # "" keeps the pipeline's own; else a name from ddpm.sampling.sample.SAMPLERS
     device: str = "auto"  # auto: CUDA if present, else the CPU
     out: str = ""  # "" is generated/<model>-<time>; an existing non-empty directory is refused
 
     def validate(self) -> None:
-        from ddpm.sample import SAMPLERS
+        from ddpm.sampling.sample import SAMPLERS
 
         if not self.model:
             raise UserError(
@@ -67,7 +67,7 @@ CONFIG = GenerateConfig
 
 
 def run(cfg: GenerateConfig) -> Path:
-    """Returns the output directory. DDPM pipelines run on ddpm.sample's loop, as `ddpm sample` does (it scales the
+    """Returns the output directory. DDPM pipelines run on ddpm.sampling.sample's loop, as `ddpm sample` does (it scales the
     initial noise and the model input for every scheduler); other pipelines through their own __call__."""
     import numpy as np
     import torch
@@ -76,15 +76,15 @@ def run(cfg: GenerateConfig) -> Path:
 
     from ddpm.device import resolve_placement
     from ddpm.files import write_json
-    from ddpm.pretrained import generate_images, load_any_pipeline, pipeline_class, set_sampler, takes_prompt
-    from ddpm.sample import generate, make_grid, sampler_settings
+    from ddpm.sampling.pretrained import generate_images, load_any_pipeline, pipeline_class, set_sampler, takes_prompt
+    from ddpm.sampling.sample import generate, make_grid, sampler_settings
 
     cfg.validate()
     out = cfg.out_dir()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files; give a new directory (nothing there is overwritten)")
     placement = resolve_placement(cfg.device, cfg.precision)
-    # DDPM pipelines run on ddpm.sample's loop as `ddpm sample` does: fp32 weights under autocast, so the same
+    # DDPM pipelines run on ddpm.sampling.sample's loop as `ddpm sample` does: fp32 weights under autocast, so the same
     # seed gives the same image from either command. Other pipelines are loaded in the precision itself.
     ddpm_loop = pipeline_class(cfg.model) == "DDPMPipeline"
     pipe = load_any_pipeline(cfg.model, "fp32" if ddpm_loop else placement.precision)

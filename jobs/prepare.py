@@ -69,8 +69,8 @@ def describe(cfg: PrepareConfig) -> str:
 
 def run(cfg: PrepareConfig) -> Path | None:
     """Returns the cache or shard folder when complete, None when other tasks' parts are still missing."""
-    from ddpm.data import build_parts, cache_root, finish_build, plan_cache
-    from ddpm.shard_writer import write_shards
+    from ddpm.data.cache import build_parts, cache_root, finish_build, plan_cache
+    from ddpm.data.shard_writer import write_shards
 
     part, parts = cfg.share()
     listed_after = max(cfg.listed_after, time.time() if cfg.data.refresh else 0.0)

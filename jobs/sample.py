@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SampleConfig:
     pipeline: str = ""  # a pipeline directory (runs/<name>/pipeline) or a checkpoint (runs/<name>/checkpoints/step-N)
-    scheduler: str = DEFAULT_SAMPLER  # sampler name; see ddpm.sample.SAMPLERS
+    scheduler: str = DEFAULT_SAMPLER  # sampler name; see ddpm.sampling.sample.SAMPLERS
     steps: int = DEFAULT_STEPS  # sampler steps
     num_images: int = 64  # images to write
     seed: int = 0  # image i uses seed + i
@@ -27,7 +27,7 @@ class SampleConfig:
     compile: bool = False  # torch.compile the UNet (CUDA graphs on a GPU): 3-5x faster, after 30-60 s of compiling
 
     def validate(self) -> None:
-        from ddpm.sample import SAMPLERS
+        from ddpm.sampling.sample import SAMPLERS
 
         if not self.pipeline:
             raise ConfigError(
@@ -57,8 +57,15 @@ def run(cfg: SampleConfig) -> Path:
     import numpy as np
 
     from ddpm.device import resolve_placement
-    from ddpm.export import load_pipeline
-    from ddpm.sample import compile_unet, generate_batches, make_grid, make_sampler, sampler_settings, write_pngs
+    from ddpm.models.export import load_pipeline
+    from ddpm.sampling.sample import (
+        compile_unet,
+        generate_batches,
+        make_grid,
+        make_sampler,
+        sampler_settings,
+        write_pngs,
+    )
 
     cfg.validate()
     pipe = load_pipeline(cfg.pipeline)

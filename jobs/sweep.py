@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm.errors import ConfigError, UserError
-from ddpm.sweep import SweepConfig, load_sweep_config, parse_shard, plan, read_plan
-from ddpm.sweep_cells import collect_rows, run_cells
+from ddpm.evaluation.sweep import SweepConfig, load_sweep_config, parse_shard, plan, read_plan
+from ddpm.evaluation.sweep_cells import collect_rows, run_cells
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SweepJobConfig(SweepConfig):
-    """The sweep's grid (ddpm.sweep.SweepConfig) plus how this invocation runs, which is not part of the grid."""
+    """The sweep's grid (ddpm.evaluation.sweep.SweepConfig) plus how this invocation runs, which is not part of the grid."""
 
     shard: str = ""  # I/N: run only cells I, I+N, ... (one task of a SLURM array); no tables
     merge: bool = False  # write the tables, plot and W&B run from the cells the shards wrote
@@ -86,7 +86,7 @@ def run(cfg: SweepJobConfig, cells: list | None = None) -> dict[str, Path] | Non
         return None
     if not cfg.merge:
         run_cells(cfg, cells)
-    from ddpm.results import write_results
+    from ddpm.evaluation.results import write_results
 
     rows = collect_rows(cfg, cells)
     files = write_results(cfg.sweep_dir, cfg.name, cfg.metric, rows)
@@ -99,10 +99,10 @@ def run(cfg: SweepJobConfig, cells: list | None = None) -> dict[str, Path] | Non
 
 def _history(cfg: SweepConfig, rows: list[dict]) -> bool:
     """history.png: quality against training step of the swept runs, across every sweep that scored them."""
-    from ddpm.compare import labels_for
-    from ddpm.export import run_dir_of
-    from ddpm.results import plot_history
-    from ddpm.scores import read_scores
+    from ddpm.evaluation.compare import labels_for
+    from ddpm.evaluation.results import plot_history
+    from ddpm.evaluation.scores import read_scores
+    from ddpm.models.export import run_dir_of
 
     run_dirs = [d for d in dict.fromkeys(run_dir_of(r["model_path"]) for r in rows) if (d / "config.yaml").is_file()]
     scores = {label: read_scores(d) for d, label in zip(run_dirs, labels_for(run_dirs))}
@@ -110,8 +110,8 @@ def _history(cfg: SweepConfig, rows: list[dict]) -> bool:
 
 
 def _track(cfg: SweepConfig, rows: list[dict], files: dict[str, Path]) -> None:
-    from ddpm.metrics import metric_columns
-    from ddpm.sweep import grid_dict
+    from ddpm.evaluation.metrics import metric_columns
+    from ddpm.evaluation.sweep import grid_dict
     from ddpm.tracking import Tracker, run_metadata
 
     if not cfg.tracking.wandb:
@@ -156,7 +156,7 @@ def _group(cfg: SweepConfig, rows: list[dict]) -> str:
     """The W&B group of the training run the first model comes from, so its sweeps sit beside it; else the sweep
     name."""
     from ddpm.config import load_config
-    from ddpm.export import run_dir_of
+    from ddpm.models.export import run_dir_of
 
     run_dir = run_dir_of(rows[0]["model_path"])
     try:

@@ -44,16 +44,16 @@ def describe(cfg: Config) -> str:
 
 def _train_one(cfg: Config) -> Path | None:
     """One process of the run (module level: the launcher pickles it by name)."""
-    from ddpm.train import train  # heavy imports (torch, diffusers) only when the job runs
+    from ddpm.training.loop import train  # heavy imports (torch, diffusers) only when the job runs
 
     return train(cfg)
 
 
 def run(cfg: Config) -> Path | None:
     """Plain and picklable: the same call runs locally, in the container and under SLURM. Starts one process per
-    GPU where asked (ddpm.local_launch). Returns the exported pipeline, or None when the launch ended early with a
+    GPU where asked (ddpm.training.local_launch). Returns the exported pipeline, or None when the launch ended early with a
     checkpoint (train.stop_after)."""
-    from ddpm.local_launch import launch, processes_to_start
+    from ddpm.training.local_launch import launch, processes_to_start
 
     nproc, on_cpu = processes_to_start(getattr(cfg, "gpus", "auto"), getattr(cfg, "processes", 0))
     plain = run_config(cfg)

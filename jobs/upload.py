@@ -56,7 +56,7 @@ def _http_client_errors() -> tuple[type[Exception], ...]:
 
 def run(cfg: UploadConfig) -> str:
     """Returns the commit id on the Hub ("" for a dry run)."""
-    from ddpm.hub import check_pipeline, stage
+    from ddpm.publishing.hub import check_pipeline, stage
 
     if not cfg.repo_id or cfg.repo_id.count("/") != 1 or not all(cfg.repo_id.split("/")):
         raise UserError(f"--repo-id: {cfg.repo_id!r} is not of the form user/name")

@@ -1,6 +1,6 @@
 """What runs on the nodes: one callable per job kind, pickled by submitit at submission.
 
-Training handles its own stop signal (ddpm.train.StopRequest: every rank learns of it at the next
+Training handles its own stop signal (ddpm.training.loop.StopRequest: every rank learns of it at the next
 log step, the checkpoint is written collectively) and then requeues the job itself; submitit's own
 handler only calls `checkpoint()` on global rank 0, before the other ranks know anything. Sweep
 shards use submitit's requeue as it is: their unit of work is a cell, and finished cells are skipped.

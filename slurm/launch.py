@@ -191,7 +191,7 @@ def submit_prepare(profile: ClusterProfile, cfg, tasks: int) -> Submitted:
     """An array of `tasks` CPU tasks that decode the data into the cache (or write shards) before training;
     `cfg` is jobs.prepare.PrepareConfig. A training job submitted with `--after` the array's id starts when every
     task succeeded. With data.refresh, the source is listed once, by the first task, after the submission."""
-    from ddpm.data import cache_root
+    from ddpm.data.cache import cache_root
     from slurm.entry import PrepareTask
 
     data = cfg.data
@@ -214,7 +214,7 @@ def submit_prepare(profile: ClusterProfile, cfg, tasks: int) -> Submitted:
 def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:
     """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded.
     `cfg` is the sweep job's config (jobs.sweep.SweepJobConfig)."""
-    from ddpm.sweep import plan
+    from ddpm.evaluation.sweep import plan
     from slurm.entry import SweepMergeTask, SweepShardTask
 
     cells = plan(cfg)  # resolved once here and sent with the jobs: every task sweeps the same checkpoints

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddpm.errors import ConfigError, UserError
-from ddpm.sweep import ModelSource, SweepConfig, absolute_paths, validate_sweep
+from ddpm.evaluation.sweep import ModelSource, SweepConfig, absolute_paths, validate_sweep
 from ddpm.typed_config import build_config, read_tree
 from jobs.sweep import SweepJobConfig
 
@@ -73,8 +73,8 @@ def sweep_config(path: Path, today: datetime.date | None = None) -> SweepJobConf
 
 def new_cells(cfg: SweepJobConfig) -> list:
     """Tonight's cells that no sweep has scored yet (same weights and settings): only new checkpoints' cells."""
-    from ddpm.sweep import make_plan
-    from ddpm.sweep_cells import finished_row, scored_before
+    from ddpm.evaluation.sweep import make_plan
+    from ddpm.evaluation.sweep_cells import finished_row, scored_before
 
     # make_plan, not plan: a night with nothing new leaves no sweep folder behind
     return [c for c in make_plan(cfg) if finished_row(cfg, c) is None and scored_before(cfg, c) is None]

@@ -65,7 +65,7 @@ def tiny_run(tmp_path_factory, shared_cache) -> Path:
     """One tiny digits run for the whole session (per test worker): 6 steps, checkpoints at steps 3 and 6, an
     exported pipeline. Read-only: a test that changes it works on a copy (`copy_of_tiny_run`)."""
     from ddpm.config import load_config
-    from ddpm.train import train
+    from ddpm.training.loop import train
 
     cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp("tiny-run") / "runs", shared_cache))
     train(cfg)

@@ -15,11 +15,22 @@ from tests.conftest import ROOT
 PACKAGES = ("ddpm", "jobs", "slurm", "bench")
 
 
-def layer(module: str) -> int:
-    """ddpm (the library) < bench, jobs.<job> < slurm < jobs.cli (the `ddpm` command): imports only point down."""
-    if module == "jobs.cli":
-        return 3
-    return {"ddpm": 0, "jobs": 1, "bench": 1, "slurm": 2}[module.split(".")[0]]
+# The packages, bottom to top: the library knows nothing of clusters or jobs; the cluster layer runs whatever picklable
+# callable it is handed; the jobs decide what to run and where. bench/ sits beside, on the library (and jobs, if it
+# must), and nothing imports it.
+PACKAGE_LAYER = {"ddpm": 0, "slurm": 1, "jobs": 2, "bench": 3}
+# Inside ddpm: the top-level modules every layer uses, then its folders, bottom to top; folders on one level do not
+# import each other.
+DDPM_LAYERS = ((None,), ("data",), ("models",), ("sampling",), ("evaluation",), ("training", "publishing"))
+
+
+def ddpm_folder(module: str) -> str | None:
+    parts = module.split(".")  # ddpm.config -> None (top level); ddpm.data, ddpm.data.cache -> "data"
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (ROOT / "ddpm" / parts[1]).is_dir()) else None
+
+
+def ddpm_layer(module: str) -> int:
+    return next(i for i, level in enumerate(DDPM_LAYERS) if ddpm_folder(module) in level)
 
 
 def project_imports() -> dict[str, set[str]]:
@@ -45,14 +56,61 @@ def _is_module(name: str) -> bool:
     return (ROOT.joinpath(*parts).with_suffix(".py")).is_file() or (ROOT.joinpath(*parts) / "__init__.py").is_file()
 
 
-def test_imports_point_one_way():
+def test_packages_point_one_way():
+    """ddpm <- slurm <- jobs, bench beside (on ddpm and jobs, never slurm): no import points up or sideways."""
+    graph = project_imports()
+    wrong = []
+    for m, deps in graph.items():
+        for n in deps:
+            mine, theirs = m.split(".")[0], n.split(".")[0]
+            if mine == "bench":
+                bad = theirs == "slurm"
+            else:
+                bad = PACKAGE_LAYER[theirs] > PACKAGE_LAYER[mine]
+            if bad:
+                wrong.append(f"{m} imports {n}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_ddpm_folders_point_one_way():
+    """Top-level modules <- data <- models <- sampling <- evaluation <- training, publishing: each folder imports only
+    the ones below it (and its own modules)."""
     wrong = [
         f"{m} imports {n}"
         for m, deps in project_imports().items()
+        if m.startswith("ddpm.")
         for n in deps
-        if layer(n) > layer(m) or (m.startswith("bench") and n.startswith("jobs"))
+        if n.startswith("ddpm.") and ddpm_folder(n) != ddpm_folder(m) and ddpm_layer(n) >= ddpm_layer(m)
     ]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_ddpm_folder_says_what_it_owns():
+    for init in sorted((ROOT / "ddpm").glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert 2 <= len(doc.splitlines()) <= 4, f"{init.relative_to(ROOT)}: a docstring of two or three lines"
+        body = [n for n in ast.parse(init.read_text()).body if not isinstance(n, ast.Expr)]
+        assert not body, f"{init.relative_to(ROOT)} re-exports or runs code; import from the modules instead"
+    assert {p.parent.name for p in (ROOT / "ddpm").glob("*/__init__.py")} == {
+        name for level in DDPM_LAYERS for name in level if name
+    }
+
+
+def test_the_sampler_names_of_the_config_are_the_samplers():
+    from ddpm.config import SAMPLER_NAMES
+    from ddpm.sampling.sample import SAMPLERS
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
+
+
+def test_no_function_in_the_library_is_longer_than_the_training_loop_budget():
+    """EDM's loop is about 190 lines; nothing in ddpm/ reads longer than 200."""
+    long = []
+    for path in sorted((ROOT / "ddpm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 200:
+                long.append(f"{path.relative_to(ROOT)}:{node.name} has {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "\n".join(long)
 
 
 def test_no_import_cycles():

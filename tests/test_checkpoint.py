@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from ddpm.checkpoint import latest_checkpoint, save_checkpoint, verify
 from ddpm.errors import UserError
-from ddpm.lock import RunLock
+from ddpm.models.checkpoint import latest_checkpoint, save_checkpoint, verify
+from ddpm.training.lock import RunLock
 
 
 def write(ckpt_dir, step, keep=5):

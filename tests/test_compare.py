@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ddpm.config import load_config
-from ddpm.train import train
+from ddpm.training.loop import train
 from tests.conftest import ROOT, run_cli, tiny_overrides
 
 EVAL = ["train.eval_every=3", "train.eval_images=8", "train.eval_metric=digitsnet", "train.sample_every=3"]

@@ -1,4 +1,4 @@
-"""Specification of ddpm/data.py: the decoded-image cache, its sources, and batch serving.
+"""Specification of ddpm/data/cache.py: the decoded-image cache, its sources, and batch serving.
 
 Every image is generated here with PIL/numpy into tmp_path and every cache lives under tmp_path,
 so the tests need no network and leave nothing behind.
@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from ddpm.batches import BatchLoader, BatchOrder, to_model_input
 from ddpm.config import DataConfig
-from ddpm.data import BadImageError, ImageCache, decode_image, open_cache
+from ddpm.data.batches import BatchLoader, BatchOrder, to_model_input
+from ddpm.data.cache import BadImageError, ImageCache, decode_image, open_cache
 from ddpm.errors import UserError
 
 BIG = 10**9  # max_pixels for direct decode_image calls that must not trip the bomb guard
@@ -253,7 +253,7 @@ def test_warm_start_does_no_per_file_work_on_the_source(tmp_path, monkeypatch):
 
 def test_the_cache_built_by_two_processes_is_byte_identical_to_one_process(tmp_path):
     """Each process decodes the parts p % 2 == rank; the last writes meta.json: the same files as one process."""
-    from ddpm.data import build_parts, cache_root, finish_build, plan_cache
+    from ddpm.data.cache import build_parts, cache_root, finish_build, plan_cache
 
     rng = np.random.default_rng(3)
     folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng, (10 + i % 5, 12)) for i in range(23)})
@@ -278,8 +278,8 @@ def test_the_cache_built_by_two_processes_is_byte_identical_to_one_process(tmp_p
 
 
 def test_a_stopped_build_keeps_its_finished_parts(tmp_path, monkeypatch):
-    from ddpm import data as data_module
-    from ddpm.data import build_parts, cache_root, plan_cache
+    from ddpm.data import cache as data_module
+    from ddpm.data.cache import build_parts, cache_root, plan_cache
 
     rng = np.random.default_rng(4)
     folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng) for i in range(9)})
@@ -302,7 +302,7 @@ def test_a_stopped_build_keeps_its_finished_parts(tmp_path, monkeypatch):
 BUILD_TOGETHER = """
 import json, sys, time
 from pathlib import Path
-from ddpm import data
+from ddpm.data import cache as data
 from ddpm.config import DataConfig
 
 cfg, gate = DataConfig(**json.loads(sys.argv[1])), Path(sys.argv[2])
@@ -358,7 +358,7 @@ def test_two_jobs_building_the_same_cache_at_once_decode_each_image_once(tmp_pat
 
     assert sum(r["decoded"] for r in results) == 24, results  # each of the 6 parts decoded by one job
     assert results[0]["path"] == results[1]["path"] and results[0]["count"] == 24
-    from ddpm.data import cache_root
+    from ddpm.data.cache import cache_root
 
     root = cache_root(cfg)
     assert not list(root.glob(".build-*"))
@@ -370,8 +370,8 @@ def test_two_jobs_building_the_same_cache_at_once_decode_each_image_once(tmp_pat
 def test_a_job_whose_build_another_job_finished_meanwhile_opens_that_cache(tmp_path, monkeypatch):
     """Where locks do not reach (a filesystem without them), another job can finish and move the build while this
     one is decoding a part: this one stops building and opens the finished cache instead of failing."""
-    from ddpm import data as data_module
-    from ddpm.data import build_parts, cache_root, finish_build, plan_cache
+    from ddpm.data import cache as data_module
+    from ddpm.data.cache import build_parts, cache_root, finish_build, plan_cache
 
     rng = np.random.default_rng(6)
     folder = make_folder(tmp_path / "imgs", {f"{i:02d}.png": random_image(rng) for i in range(9)})
@@ -601,7 +601,7 @@ def test_bad_image_raises_bad_image_error_naming_file(tmp_path, kind):
 def test_skip_mode_skips_bad_files_and_lists_them(tmp_path, caplog):
     folder = make_folder(tmp_path / "data", {"a_good.png": solid((10, 20, 30)), "z_good.png": solid((40, 50, 60))})
     bad = [_write_bad(tmp_path, kind, folder) for kind in ["corrupt", "truncated", "zero_byte"]]
-    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.data.cache"):
         cache = open_quiet(folder_cfg(tmp_path, folder, on_bad_image="skip"))
     assert len(cache) == 2 and cache.meta["count"] == 2
     assert len(cache.meta["skipped"]) == 3
@@ -667,7 +667,7 @@ def test_image_smaller_than_resolution_is_upsampled_with_a_warning_counting_it(t
             "c.png": solid((0, 0, 200), (5, 12)),
         },
     )
-    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.data.cache"):
         cache = open_quiet(folder_cfg(tmp_path, folder, resolution=8))
     assert len(cache) == 3 and cache.meta["upsampled"] == 2
     out = cache.take(np.arange(3))
@@ -679,7 +679,7 @@ def test_image_smaller_than_resolution_is_upsampled_with_a_warning_counting_it(t
 
 def test_no_upsampling_warning_when_all_images_are_large_enough(tmp_path, caplog):
     folder = make_folder(tmp_path / "data", {"a.png": solid((1, 1, 1), (8, 8)), "b.png": solid((2, 2, 2), (30, 9))})
-    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.data.cache"):
         cache = open_quiet(folder_cfg(tmp_path, folder, resolution=8))
     assert cache.meta["upsampled"] == 0
     assert not any("upsampled" in r.getMessage() for r in caplog.records)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.training_utils import EMAModel
 
-from ddpm.ema import EMA
+from ddpm.training.ema import EMA
 
 
 def test_matches_diffusers_emamodel_step_for_step():

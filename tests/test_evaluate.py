@@ -15,10 +15,10 @@ from diffusers import DDPMPipeline
 
 from ddpm.config import load_config
 from ddpm.errors import UserError
-from ddpm.inception import WEIGHTS_FILE, InceptionFeatures, inception_weights
-from ddpm.metrics import digits_feature_net, distances, frechet_distance, kernel_distance
-from ddpm.model import build_unet
-from ddpm.schedule import build_scheduler
+from ddpm.evaluation.inception import WEIGHTS_FILE, InceptionFeatures, inception_weights
+from ddpm.evaluation.metrics import digits_feature_net, distances, frechet_distance, kernel_distance
+from ddpm.models.schedule import build_scheduler
+from ddpm.models.unet import build_unet
 from tests.conftest import TINY_MODEL, run_cli
 
 
@@ -34,7 +34,7 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
 @pytest.mark.parametrize("num_images", [300, 1000])
 def test_the_real_vs_real_floor_predicts_what_fresh_real_samples_score(num_images):
     """fd_floor sees only the reference, yet predicts the FD of new draws from the same distribution against it."""
-    from ddpm.metrics import fd_floor
+    from ddpm.evaluation.metrics import fd_floor
 
     rng = np.random.default_rng(1)
     scale = np.linspace(0.5, 2.0, 16)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpm.errors import UserError
-from ddpm.local_launch import processes_to_start
+from ddpm.training.local_launch import processes_to_start
 from tests.conftest import run_cli, tiny_overrides
 
 

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm.checkpoint import verified_checkpoints, verify
 from ddpm.config import Config, load_config
 from ddpm.errors import ConfigError
-from ddpm.train import train
+from ddpm.models.checkpoint import verified_checkpoints, verify
+from ddpm.training.loop import train
 from tests.conftest import ROOT, report, run_cli
 
 
@@ -397,7 +397,7 @@ def test_a_checkpoint_file_that_smuggles_code_is_refused_not_run(tiny, tmp_path)
     manifest = json.loads(
         (ckpt / "manifest.json").read_text()
     )  # an attacker who can write files can fix the manifest too
-    from ddpm.checkpoint import sha256_file
+    from ddpm.models.checkpoint import sha256_file
 
     manifest["files"]["optimizer.pt"] = {
         "bytes": (ckpt / "optimizer.pt").stat().st_size,

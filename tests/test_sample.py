@@ -11,9 +11,9 @@ from diffusers import DDPMPipeline
 from PIL import Image
 
 from ddpm.config import load_config
-from ddpm.model import build_unet
-from ddpm.sample import SAMPLERS, generate, make_grid, make_sampler
-from ddpm.schedule import build_scheduler
+from ddpm.models.schedule import build_scheduler
+from ddpm.models.unet import build_unet
+from ddpm.sampling.sample import SAMPLERS, generate, make_grid, make_sampler
 from jobs.sample import SampleConfig, run
 from tests.conftest import TINY_MODEL, run_cli
 
@@ -129,7 +129,7 @@ def test_every_scheduler_gives_the_same_images_from_every_entry_point(tiny_pipel
     """ddpm sample, ddpm generate and the scorer behind ddpm evaluate and the sweeps run one sampling loop: the
     same seed gives the same image from each (generate once handed DDPM pipelines to DDPMPipeline.__call__,
     which broke unipc, heun, ... and scaled the noise wrongly for the Euler family)."""
-    from ddpm.evaluate import Evaluator, Scoring
+    from ddpm.evaluation.evaluate import Evaluator, Scoring
     from jobs.generate import GenerateConfig
     from jobs.generate import run as generate_run
 
@@ -149,17 +149,17 @@ def test_every_scheduler_gives_the_same_images_from_every_entry_point(tiny_pipel
 
 
 def test_many_images_go_to_disk_batch_by_batch_and_the_grid_shows_the_first_64(tiny_pipeline, tmp_path, monkeypatch):
-    import ddpm.sample
+    import ddpm.sampling.sample
 
     batches_alive = []  # how many batches of images the sampler had handed out while the job still held them
-    real = ddpm.sample.generate_batches
+    real = ddpm.sampling.sample.generate_batches
 
     def watched(*args, **kwargs):
         for chunk, images in real(*args, **kwargs):
             batches_alive.append(len(chunk))
             yield chunk, images
 
-    monkeypatch.setattr(ddpm.sample, "generate_batches", watched)
+    monkeypatch.setattr(ddpm.sampling.sample, "generate_batches", watched)
     out = run(SampleConfig(pipeline=str(tiny_pipeline), scheduler="ddim", steps=2, num_images=70, batch_size=16,
                            precision="fp32", out=str(tmp_path / "s")))  # fmt: skip
     assert batches_alive == [16, 16, 16, 16, 6]  # five batches, streamed

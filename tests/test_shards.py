@@ -1,4 +1,4 @@
-"""Specification of ddpm/shards.py and `ddpm prepare`: WebDataset shards written from any source, streamed in a
+"""Specification of ddpm/data/shards.py and `ddpm prepare`: WebDataset shards written from any source, streamed in a
 deterministic, resumable order, bad members named; the prepare job's cache is the cache training opens."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from ddpm.config import DataConfig, load_config
+from ddpm.data.images import BadImageError
+from ddpm.data.shard_writer import write_shards
+from ddpm.data.shards import ShardLoader, ShardOrder, open_shards
 from ddpm.errors import UserError
-from ddpm.images import BadImageError
-from ddpm.shard_writer import write_shards
-from ddpm.shards import ShardLoader, ShardOrder, open_shards
-from ddpm.train import train
+from ddpm.training.loop import train
 from tests.conftest import run_cli
 
 
@@ -171,8 +171,8 @@ def test_prepare_builds_the_cache_that_training_opens_without_decoding(tmp_path,
     content = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(content) == 1 and json.loads((content[0] / "meta.json").read_text())["count"] == 24
 
-    from ddpm import data as data_module
-    from ddpm.data import open_cache
+    from ddpm.data import cache as data_module
+    from ddpm.data.cache import open_cache
 
     monkeypatch.setattr(data_module, "decode_image", lambda *a, **k: pytest.fail("decoded again"))
     cfg = load_config(str(config))

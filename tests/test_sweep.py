@@ -16,8 +16,8 @@ from diffusers import DDPMPipeline
 from PIL import Image
 
 from ddpm.device import auto_precision
-from ddpm.export import pipeline_from_checkpoint
-from ddpm.sweep import load_sweep_config
+from ddpm.evaluation.sweep import load_sweep_config
+from ddpm.models.export import pipeline_from_checkpoint
 from jobs import sweep as sweep_job
 from tests.conftest import ROOT, copy_of_tiny_run, run_cli
 
@@ -109,8 +109,8 @@ def test_a_sweep_writes_every_artefact_then_a_rerun_skips_finished_cells(sweep_f
     stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
     sweep_job.run(sweep_job.load(sweep_file(num_images=8)))
     assert all((cfg.sweep_dir / "cells" / c / "row.json").stat().st_mtime_ns != t for c, t in stamps.items())
-    # A sampler whose settings changed (in ddpm.sample, or with another diffusers) redoes its own cells only.
-    from ddpm.sample import SAMPLERS
+    # A sampler whose settings changed (in ddpm.sampling.sample, or with another diffusers) redoes its own cells only.
+    from ddpm.sampling.sample import SAMPLERS
 
     stamps = {r["cell"]: (cfg.sweep_dir / "cells" / r["cell"] / "row.json").stat().st_mtime_ns for r in rows}
     cls, extra = SAMPLERS["ddim"]
@@ -292,7 +292,7 @@ def test_nightly_sweeps_score_only_new_checkpoints_and_plot_quality_across_night
     import datetime
 
     from ddpm.config import load_config
-    from ddpm.train import train
+    from ddpm.training.loop import train
     from slurm.nightly import new_cells, sweep_config
     from tests.conftest import tiny_overrides
 

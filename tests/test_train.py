@@ -17,9 +17,9 @@ from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
 from ddpm.config import load_config
-from ddpm.data import ImageCache
+from ddpm.data.cache import ImageCache
 from ddpm.errors import UserError
-from ddpm.train import lr_factor, train
+from ddpm.training.loop import lr_factor, train
 from tests import wandb_files
 from tests.conftest import ROOT, run_cli
 
@@ -246,7 +246,7 @@ def test_training_options_run_and_export(tiny, extra):
 def test_v_prediction_target_is_the_velocity():
     """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), so x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
     from ddpm.config import ScheduleConfig
-    from ddpm.schedule import NoiseProcess, build_scheduler
+    from ddpm.models.schedule import NoiseProcess, build_scheduler
 
     process = NoiseProcess(build_scheduler(ScheduleConfig(prediction_type="v_prediction")), torch.device("cpu"))
     x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 100, 500, 999])

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from ddpm.config import DEFAULT_SAMPLER, load_config
-from ddpm.scores import best_score, read_scores
-from ddpm.train import train
+from ddpm.evaluation.scores import best_score, read_scores
+from ddpm.training.loop import train
 from jobs.evaluate import EvaluateConfig
 from jobs.evaluate import run as evaluate
 from tests.conftest import run_cli

@@ -76,8 +76,8 @@ def test_the_model_cards_usage_code_runs_the_default_sampler_as_ddpm_sample_does
     from diffusers import DDPMPipeline
 
     from ddpm.config import DEFAULT_SAMPLER
-    from ddpm.hub import model_card
-    from ddpm.sample import make_sampler, sampler_settings
+    from ddpm.publishing.hub import model_card
+    from ddpm.sampling.sample import make_sampler, sampler_settings
 
     card = model_card(pipeline, "someone/tiny-digits")
     code = card.split("```python\n", 1)[1].split("```", 1)[0]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm.evaluation.metrics import metric_columns
 from ddpm.files import unique_suffix, write_json
-from ddpm.metrics import metric_columns
 
 COLUMNS = [
     "cell",

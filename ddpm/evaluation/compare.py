@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ddpm.errors import UserError
-from ddpm.scores import headline, measurement, read_scores
+from ddpm.evaluation.scores import headline, measurement, read_scores
 
 
 @dataclass

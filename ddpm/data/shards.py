@@ -32,9 +32,9 @@ import torch
 from PIL import Image
 
 from ddpm.config import DataConfig
+from ddpm.data.images import BadImageError, decode_image, pil_limits_lifted
+from ddpm.data.sources import IMAGE_SUFFIXES
 from ddpm.errors import UserError
-from ddpm.images import BadImageError, decode_image, pil_limits_lifted
-from ddpm.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ShardOrder:
 
 
 class ShardLoader:
-    """Yields ((epoch, batch), uint8 (B, H, W, C) tensor) from (epoch, batch) on, like ddpm.batches.BatchLoader:
+    """Yields ((epoch, batch), uint8 (B, H, W, C) tensor) from (epoch, batch) on, like ddpm.data.batches.BatchLoader:
     shards are read and their images decoded by background threads, a few batches ahead. A bad image is an
     error naming the shard and member, or with data.on_bad_image=skip is left out of its batch and counted."""
 

@@ -15,7 +15,7 @@ import torch
 from ddpm.errors import UserError
 
 if TYPE_CHECKING:
-    from ddpm.data import ImageCache
+    from ddpm.data.cache import ImageCache
 
 
 class BatchOrder:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ddpm.metrics import METRICS
+from ddpm.evaluation.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def read_scores(run_dir: Path) -> list[dict[str, Any]]:
 def model_step(model: str | Path) -> int | None:
     """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
     model outside a run directory."""
-    from ddpm.evaluate import checkpoint_step
+    from ddpm.evaluation.evaluate import checkpoint_step
 
     model = Path(model)
     run_dir = model.parent.parent if model.parent.name == "checkpoints" else model.parent

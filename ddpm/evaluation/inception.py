@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import sha256_file
 from ddpm.errors import UserError
 from ddpm.files import unique_suffix
+from ddpm.models.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import yaml
 
 from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ddpm.errors import UserError
-from ddpm.evaluate import SEED_STRIDE
-from ddpm.export import run_dir_of
-from ddpm.metrics import METRICS
-from ddpm.sample import sampler_recipe
-from ddpm.scores import best_score, headline, measurement, read_scores
+from ddpm.evaluation.evaluate import SEED_STRIDE
+from ddpm.evaluation.metrics import METRICS
+from ddpm.evaluation.scores import best_score, headline, measurement, read_scores
+from ddpm.models.export import run_dir_of
+from ddpm.sampling.sample import sampler_recipe
 
 
 def final_grid(run_dir: Path) -> Path | None:
@@ -101,7 +101,7 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     unet = json.loads((pipeline / "unet" / "config.json").read_text())
     scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
-    # the project's default sampler with the settings ddpm.sample gives it on this schedule: what `ddpm sample` runs
+    # the project's default sampler with the settings ddpm.sampling.sample gives it on this schedule: what `ddpm sample` runs
     sampler_cls, sampler_extra = sampler_recipe(DEFAULT_SAMPLER, scheduler)
     sampler_args = ", ".join(f"{k}={v!r}" for k, v in sampler_extra.items())
     data = cfg.get("data", {})

@@ -1,5 +1,5 @@
 """Writing WebDataset shards (`ddpm prepare --format webdataset`), split over the tasks of a job; the format and the
-reader are in ddpm.shards."""
+reader are in ddpm.data.shards."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
+from ddpm.data.images import BadImageError
+from ddpm.data.shards import INDEX
+from ddpm.data.sources import Items, list_source
 from ddpm.files import exclusive, unique_suffix, write_json
-from ddpm.images import BadImageError
-from ddpm.shards import INDEX
-from ddpm.sources import Items, list_source
 
 
 def write_shards(

@@ -26,24 +26,24 @@ from diffusers import DDPMPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ddpm.batches import BatchLoader, BatchOrder, to_model_input
-from ddpm.checkpoint import TrainingState, restore_training_state, save_training_state
 from ddpm.config import Config, dump_yaml, to_dict
-from ddpm.data import Processes, open_cache
+from ddpm.data.batches import BatchLoader, BatchOrder, to_model_input
+from ddpm.data.cache import Processes, open_cache
+from ddpm.data.shards import ShardLoader, ShardOrder, open_shards
 from ddpm.device import resolve_placement
-from ddpm.ema import EMA
 from ddpm.errors import RunStopped
-from ddpm.evaluate import TrainingEvaluator
-from ddpm.export import export_pipeline
+from ddpm.evaluation.evaluate import TrainingEvaluator
+from ddpm.evaluation.metrics import METRICS
+from ddpm.evaluation.scores import append_score, drop_training_scores_after, read_scores
 from ddpm.files import write_json
-from ddpm.lock import RunLock
-from ddpm.metrics import METRICS
-from ddpm.model import architecture, build_unet
-from ddpm.sample import generate, make_grid, make_sampler
-from ddpm.schedule import NoiseProcess, build_scheduler
-from ddpm.scores import append_score, drop_training_scores_after, read_scores
-from ddpm.shards import ShardLoader, ShardOrder, open_shards
+from ddpm.models.export import export_pipeline
+from ddpm.models.schedule import NoiseProcess, build_scheduler
+from ddpm.models.unet import architecture, build_unet
+from ddpm.sampling.sample import generate, make_grid, make_sampler
 from ddpm.tracking import Tracker, run_metadata
+from ddpm.training.ema import EMA
+from ddpm.training.lock import RunLock
+from ddpm.training.state import TrainingState, restore_training_state, save_training_state
 
 log = logging.getLogger(__name__)
 

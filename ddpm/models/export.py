@@ -31,10 +31,10 @@ def pipeline_from_checkpoint(ckpt_dir: Path) -> DDPMPipeline:
     """The pipeline the export would hold at this checkpoint: EMA weights, the run's noise schedule.
 
     The checkpoint lives at <run>/checkpoints/step-N; the model and schedule come from <run>/config.yaml."""
-    from ddpm.checkpoint import verify
     from ddpm.config import load_config
-    from ddpm.model import architecture, build_unet
-    from ddpm.schedule import build_scheduler
+    from ddpm.models.checkpoint import verify
+    from ddpm.models.schedule import build_scheduler
+    from ddpm.models.unet import architecture, build_unet
 
     ckpt_dir = Path(ckpt_dir)
     problem = verify(ckpt_dir)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision, TrackingConfig
 from ddpm.errors import ConfigError, UserError
-from ddpm.evaluate import SEED_STRIDE, Scoring
+from ddpm.evaluation.evaluate import SEED_STRIDE, Scoring
 from ddpm.files import write_json
 from ddpm.typed_config import build_config, read_tree, to_dict
 
@@ -50,7 +50,7 @@ class SweepConfig:
     name: str = ""  # the sweep's directory under out_dir; "" uses the config file's name
     out_dir: str = "sweeps"  # parent of the sweep directories
     models: tuple[ModelSource, ...] = ()  # the models to sweep: a list of {pipeline|hub|checkpoints|run: ...}
-    schedulers: tuple[str, ...] = (DEFAULT_SAMPLER,)  # samplers (see ddpm.sample.SAMPLERS), a cell each
+    schedulers: tuple[str, ...] = (DEFAULT_SAMPLER,)  # samplers (see ddpm.sampling.sample.SAMPLERS), a cell each
     steps: tuple[int, ...] = (DEFAULT_STEPS,)  # sampling step counts, a cell each
     seeds: tuple[int, ...] = (0,)  # a cell each; image k of seed s uses seed s * 1,000,000 + k
     prompts: tuple[str, ...] = ()  # text-to-image models: a cell per prompt (unconditional models ignore them)
@@ -60,7 +60,9 @@ class SweepConfig:
     batch_size: int = 128  # images per forward pass
     grid_images: int = 64  # the first n images of a cell form its grid
     metric: Literal["inception", "digitsnet", "none"] = "inception"  # FID/KID, offline FD/KD-digitsnet, or none
-    reference: str = ""  # dataset to compare with; "" is each model's training data (ddpm.metrics.reference_data)
+    reference: str = (
+        ""  # dataset to compare with; "" is each model's training data (ddpm.evaluation.metrics.reference_data)
+    )
     reference_images: int = 0  # reference images for the statistics; 0: all
     inception_weights: str = ""  # local weights file for compute nodes without internet
     device: str = "auto"  # auto: CUDA when present, else the CPU
@@ -126,7 +128,7 @@ def absolute_paths(cfg: SweepConfig) -> SweepConfig:
 
 
 def validate_sweep(cfg: SweepConfig) -> None:
-    from ddpm.sample import SAMPLERS
+    from ddpm.sampling.sample import SAMPLERS
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -204,8 +206,8 @@ def _label(path: Path) -> str:
 
 def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
     """(label, directory) of every model, in config order; a missing model is an error naming it."""
-    from ddpm.checkpoint import verified_checkpoints
-    from ddpm.pretrained import fetch_hub_pipeline
+    from ddpm.models.checkpoint import verified_checkpoints
+    from ddpm.sampling.pretrained import fetch_hub_pipeline
 
     found: list[Path] = []
     for i, m in enumerate(cfg.models):
@@ -237,8 +239,8 @@ def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
-    from ddpm.export import run_dir_of
-    from ddpm.pretrained import saved_takes_prompt
+    from ddpm.models.export import run_dir_of
+    from ddpm.sampling.pretrained import saved_takes_prompt
 
     cells = []
     for label, path in resolve_models(cfg):

@@ -1,7 +1,7 @@
 """Sample-quality metrics: Fréchet distance and kernel distance to a reference dataset, in one of two feature spaces.
 
 - "inception": FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) exactly as torch-fidelity
-  computes them, on its Inception-v3 (ddpm.inception; weights are a checked download).
+  computes them, on its Inception-v3 (ddpm.evaluation.inception; weights are a checked download).
 - "digitsnet": the same two distances in the 64-d penultimate layer of a small CNN trained once,
   deterministically, to classify scikit-learn's digits (the embedded default dataset), and cached.
   Needs no download; it ranks samplers and checkpoints of digit models, and its values are not
@@ -67,7 +67,7 @@ class DigitsNet(nn.Module):
 
 
 def _to_input(images: np.ndarray) -> torch.Tensor:
-    from ddpm.images import as_rgb
+    from ddpm.data.images import as_rgb
 
     return torch.from_numpy(np.ascontiguousarray(as_rgb(images))).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -81,7 +81,7 @@ def digits_feature_net(resolution: int, cache_dir: Path) -> DigitsNet:
         return net.eval()
     from sklearn.datasets import load_digits
 
-    from ddpm.data import open_cache
+    from ddpm.data.cache import open_cache
 
     cache = open_cache(
         DataConfig(source="digits", resolution=resolution, cache_dir=str(cache_dir / "datasets")), show_progress=False
@@ -221,8 +221,8 @@ def feature_space(
     if name == "digitsnet":
         return DigitsFeatures(resolution, metrics_cache_dir())
     if name == "inception":
-        from ddpm.inception import InceptionFeatures
-        from ddpm.inception import inception_weights as weights
+        from ddpm.evaluation.inception import InceptionFeatures
+        from ddpm.evaluation.inception import inception_weights as weights
 
         return InceptionFeatures(weights(inception_weights), device)
     raise UserError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
@@ -274,11 +274,11 @@ def describe_reference(data: DataConfig) -> str:
 def reference_features(space, data: DataConfig, num_images: int = 0, warn: bool = True) -> np.ndarray:
     """Features of `num_images` (0: all) reference images, a fixed random subset; cached on disk. `warn`: say so
     when the dataset has fewer images than asked (not for a cap such as train.eval_reference_images)."""
-    from ddpm.data import cache_root, open_cache
-    from ddpm.images import as_rgb
+    from ddpm.data.cache import cache_root, open_cache
+    from ddpm.data.images import as_rgb
 
     if data.source == "webdataset":  # streamed data has no cache: the first images of the shards, by name
-        from ddpm.shards import first_images, open_shards
+        from ddpm.data.shards import first_images, open_shards
 
         shards = open_shards(data)
         n = len(shards) if num_images <= 0 else min(num_images, len(shards))

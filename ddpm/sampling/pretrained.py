@@ -1,7 +1,7 @@
 """Any diffusers pipeline, by Hub id or local path: unconditional (DDPMPipeline, ...) or text-to-image.
 
 Images are made one generator per image, seeded by its seed and drawn on the CPU, so image k of a
-prompt is the same whatever the batch size or the device, as in ddpm.sample.
+prompt is the same whatever the batch size or the device, as in ddpm.sampling.sample.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def load_any_pipeline(model: str, dtype: str = "fp32"):
 
     path = Path(model)
     if (path / "manifest.json").is_file():  # a training checkpoint: its EMA weights as a DDPMPipeline
-        from ddpm.export import load_pipeline
+        from ddpm.models.export import load_pipeline
 
         return load_pipeline(path).to(dtype=DTYPES[dtype])
     if path.exists() and not (path / "model_index.json").is_file():
@@ -68,8 +68,8 @@ def takes_prompt(pipe) -> bool:
 
 
 def set_sampler(pipe, name: str) -> None:
-    """Swap the pipeline's scheduler for a named one on the same noise schedule (ddpm.sample.SAMPLERS)."""
-    from ddpm.sample import make_sampler
+    """Swap the pipeline's scheduler for a named one on the same noise schedule (ddpm.sampling.sample.SAMPLERS)."""
+    from ddpm.sampling.sample import make_sampler
 
     pipe.scheduler = make_sampler(name, pipe.scheduler)
 

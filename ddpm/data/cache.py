@@ -3,11 +3,11 @@
 Long because the index, the split build and its locks are one protocol between jobs: read together, they show
 why a cache directory is always complete or absent, whichever job or rank stops where.
 
-Sources (ddpm.sources): the embedded digits, a local image folder, or a Hugging Face dataset. A source is decoded
-once (ddpm.images) into `<cache>/<content>/shard-*.npy`, (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB); later
+Sources (ddpm.data.sources): the embedded digits, a local image folder, or a Hugging Face dataset. A source is decoded
+once (ddpm.data.images) into `<cache>/<content>/shard-*.npy`, (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB); later
 epochs and runs memory-map the shards, so a dataset larger than RAM streams from disk and a rank reads only its
-own batches (ddpm.batches: the order, the loader, and flip and scaling on the training device). WebDataset shards
-are streamed instead (ddpm.shards).
+own batches (ddpm.data.batches: the order, the loader, and flip and scaling on the training device). WebDataset shards
+are streamed instead (ddpm.data.shards).
 
 A warm start does no per-file work. `<cache>/<source>-<res>px-<key>.json`, the index of one source at one
 preprocessing, names the complete content directory and the source's folders with their modification times; a
@@ -40,10 +40,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
+from ddpm.data.images import BadImageError, decode_image, pil_limits_lifted
+from ddpm.data.sources import IMAGE_SUFFIXES, Items, list_source, source_spec, unchanged
 from ddpm.errors import UserError
 from ddpm.files import claimed, exclusive, unique_suffix, write_json
-from ddpm.images import BadImageError, decode_image, pil_limits_lifted
-from ddpm.sources import IMAGE_SUFFIXES, Items, list_source, source_spec, unchanged
 
 __all__ = ["IMAGE_SUFFIXES", "BadImageError", "ImageCache", "Processes", "decode_image", "open_cache"]
 
@@ -123,7 +123,7 @@ def open_cache(
         procs.barrier()
     path = root / plan["content"]
     if cfg.stage_dir:
-        from ddpm.staging import stage
+        from ddpm.data.staging import stage
 
         path = stage(path, cfg.stage_dir, show_progress)
     return load_cache(path)

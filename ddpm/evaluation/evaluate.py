@@ -1,8 +1,8 @@
 """Scoring one model: sample N images with a sampler and fixed seeds, then measure them against a reference.
 
 This is the building block that `ddpm evaluate`, every cell of a sweep and any later in-training
-evaluation call. DDPM pipelines and ddpm checkpoints run on ddpm.sample's loop; any other diffusers
-pipeline (text-to-image, ...) through its own __call__. The metrics themselves are ddpm.metrics.
+evaluation call. DDPM pipelines and ddpm checkpoints run on ddpm.sampling.sample's loop; any other diffusers
+pipeline (text-to-image, ...) through its own __call__. The metrics themselves are ddpm.evaluation.metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class Scoring:
     """How samples are measured and kept; what `ddpm evaluate` and a sweep share."""
 
     metric: str = "inception"  # inception (FID/KID), digitsnet (offline FD/KD) or none (images only)
-    reference: str = ""  # dataset to compare with; "" is the model's training data (ddpm.metrics.reference_data)
+    reference: str = (
+        ""  # dataset to compare with; "" is the model's training data (ddpm.evaluation.metrics.reference_data)
+    )
     reference_images: int = 0  # reference images for the statistics; 0: all
     inception_weights: str = ""  # local Inception weights file; "" is the cache, else a checked download
     batch_size: int = 128  # images per forward pass
@@ -38,7 +40,7 @@ class Scoring:
 
 def is_ddpm(path: str | Path) -> bool:
     """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub)."""
-    from ddpm.pretrained import pipeline_class
+    from ddpm.sampling.pretrained import pipeline_class
 
     return pipeline_class(path) == "DDPMPipeline"
 
@@ -57,16 +59,16 @@ def model_fingerprint(path: str) -> str:
 
 
 def resolved_sampler(path: str, scheduler: str) -> dict:
-    """The settings the sampler `scheduler` runs with on the model at `path` (ddpm.sample.sampler_settings), read
+    """The settings the sampler `scheduler` runs with on the model at `path` (ddpm.sampling.sample.sampler_settings), read
     from the model's schedule without loading its weights; {} where the schedule cannot be read. Part of what
     decides a score: a sampler whose settings changed (in this project or in diffusers) scores again."""
-    from ddpm.sample import sampler_recipe, sampler_settings
+    from ddpm.sampling.sample import sampler_recipe, sampler_settings
 
     p = Path(path)
     try:
         if (p / "manifest.json").is_file():  # a checkpoint: the schedule of its run's config
             from ddpm.config import load_config
-            from ddpm.schedule import build_scheduler
+            from ddpm.models.schedule import build_scheduler
 
             trained = dict(build_scheduler(load_config(p.parent.parent / "config.yaml").schedule).config)
         else:
@@ -100,12 +102,12 @@ class Evaluator:
         if self._model is None or self._model[0] != path:
             self._model = None  # free the previous model before loading the next
             if is_ddpm(path):
-                from ddpm.export import load_pipeline
+                from ddpm.models.export import load_pipeline
 
                 pipe = load_pipeline(path)
                 pipe.unet.to(self.placement.device).eval()
             else:
-                from ddpm.pretrained import load_any_pipeline
+                from ddpm.sampling.pretrained import load_any_pipeline
 
                 pipe = load_any_pipeline(path, self.placement.precision).to(self.placement.device)
                 pipe.set_progress_bar_config(disable=True)
@@ -113,8 +115,8 @@ class Evaluator:
         return self._model[1], self._model[2]
 
     def _reference_features(self, model_path: str, resolution: int) -> tuple[np.ndarray, str]:
-        from ddpm.export import run_dir_of
-        from ddpm.metrics import describe_reference, feature_space, reference_data, reference_features
+        from ddpm.evaluation.metrics import describe_reference, feature_space, reference_data, reference_features
+        from ddpm.models.export import run_dir_of
 
         s = self.scoring
         data = reference_data(s.reference, resolution, run_dir_of(model_path))
@@ -138,7 +140,7 @@ class Evaluator:
         guidance: float | None = None,
     ) -> np.ndarray:
         """(N, H, W, 3) uint8 images of the model at `path`, one per seed."""
-        from ddpm.sample import generate, make_sampler
+        from ddpm.sampling.sample import generate, make_sampler
 
         pipe, trained = self._pipeline(path)
         sampler = make_sampler(scheduler, trained)
@@ -150,7 +152,7 @@ class Evaluator:
         import numpy as np
         from tqdm.auto import tqdm
 
-        from ddpm.pretrained import generate_images
+        from ddpm.sampling.pretrained import generate_images
 
         pipe.scheduler = sampler
         made = generate_images(
@@ -179,7 +181,7 @@ class Evaluator:
         """Sample, write images/ and grid.png under `out_dir`, score; returns the figures (no settings)."""
         import torch
 
-        from ddpm.sample import save_images
+        from ddpm.sampling.sample import save_images
 
         cuda = self.placement.device.type == "cuda"
         if cuda:
@@ -197,7 +199,7 @@ class Evaluator:
             "checkpoint_step": checkpoint_step(path),
         }
         if self.scoring.metric != "none":
-            from ddpm.metrics import METRICS, distances
+            from ddpm.evaluation.metrics import METRICS, distances
 
             resolution = images.shape[1]
             ref, described = self._reference_features(path, resolution)
@@ -213,8 +215,8 @@ class Evaluator:
         return row
 
     def _floor(self, reference: np.ndarray, described: str, num_images: int) -> float | None:
-        """The metric's real-vs-real floor at this image count (ddpm.metrics.fd_floor), once per reference."""
-        from ddpm.metrics import fd_floor
+        """The metric's real-vs-real floor at this image count (ddpm.evaluation.metrics.fd_floor), once per reference."""
+        from ddpm.evaluation.metrics import fd_floor
 
         key = (described, len(reference), num_images)
         if key not in self._floors:
@@ -227,7 +229,7 @@ def training_metric(requested: str) -> str:
     never waits on a download), else the offline FD/KD-digitsnet."""
     if requested != "auto":
         return requested
-    from ddpm.inception import local_inception_weights
+    from ddpm.evaluation.inception import local_inception_weights
 
     return "inception" if local_inception_weights() is not None else "digitsnet"
 
@@ -244,7 +246,7 @@ class TrainingEvaluator:
         from accelerate.utils import broadcast_object_list
 
         from ddpm.errors import ConfigError
-        from ddpm.metrics import describe_reference, feature_space, reference_features
+        from ddpm.evaluation.metrics import describe_reference, feature_space, reference_features
 
         self.accelerator = accelerator
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -266,8 +268,8 @@ class TrainingEvaluator:
         import numpy as np
         from accelerate.utils import gather_object
 
-        from ddpm.metrics import distances
-        from ddpm.sample import generate
+        from ddpm.evaluation.metrics import distances
+        from ddpm.sampling.sample import generate
 
         device = self.accelerator.device
         start = time.perf_counter()

@@ -3,7 +3,7 @@
 A source is listed once (`list_source`: its items in a fixed order, a fingerprint of their content, and the
 folders whose modification times tell cheaply whether it changed since); after that any process reads any share
 of its items by position (`item_readers`) without listing it again. Listing is the only per-file work: a warm
-start (ddpm.data) skips it when `unchanged(listing.folders)`, which stats folders, not files.
+start (ddpm.data.cache) skips it when `unchanged(listing.folders)`, which stats folders, not files.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from ddpm.config import DataConfig
+from ddpm.data.images import BadImageError
 from ddpm.errors import UserError
-from ddpm.images import BadImageError
 
 IMAGE_SUFFIXES = {
     ".png",

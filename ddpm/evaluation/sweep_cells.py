@@ -3,7 +3,7 @@
 A cell's settings include a fingerprint of the model's weights, so a checkpoint replaced under the same
 name, or a pipeline exported again, is sampled again; anything else already done is skipped.
 
-A model of a training run also keeps every sweep's scores in the run's scores.jsonl (ddpm.scores): a cell that
+A model of a training run also keeps every sweep's scores in the run's scores.jsonl (ddpm.evaluation.scores): a cell that
 another sweep (last night's, say) scored with the same weights and settings is taken from there instead of being
 sampled again, so a nightly sweep over the newest checkpoints only samples the checkpoints that are new.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.errors import UserError
-from ddpm.evaluate import Evaluator, image_seeds, model_fingerprint, resolved_sampler
-from ddpm.export import run_dir_of
+from ddpm.evaluation.evaluate import Evaluator, image_seeds, model_fingerprint, resolved_sampler
+from ddpm.evaluation.scores import append_score, model_step, read_scores
+from ddpm.evaluation.sweep import Cell, SweepConfig
 from ddpm.files import write_json
-from ddpm.scores import append_score, model_step, read_scores
-from ddpm.sweep import Cell, SweepConfig
+from ddpm.models.export import run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
         log.info("%d cells scored by an earlier sweep with the same weights and settings; taken from it", len(reused))
         todo = [c for c in todo if finished_row(cfg, c) is None]
     if todo:
-        from ddpm.metrics import metric_columns
+        from ddpm.evaluation.metrics import metric_columns
 
         evaluator = Evaluator(cfg.scoring, cfg.device, cfg.precision)
         for i, cell in enumerate(todo, 1):
