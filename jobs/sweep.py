@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepJobConfig(SweepConfig):
-    """The sweep's grid (ddpm.evaluation.sweep.SweepConfig) plus how this invocation runs, which is not part of the grid."""
+    """The sweep's grid (ddpm.evaluation.sweep) plus how this invocation runs, which is not part of the grid."""
 
     shard: str = ""  # I/N: run only cells I, I+N, ... (one task of a SLURM array); no tables
     merge: bool = False  # write the tables, plot and W&B run from the cells the shards wrote

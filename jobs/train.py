@@ -50,9 +50,9 @@ def _train_one(cfg: Config) -> Path | None:
 
 
 def run(cfg: Config) -> Path | None:
-    """Plain and picklable: the same call runs locally, in the container and under SLURM. Starts one process per
-    GPU where asked (ddpm.training.local_launch). Returns the exported pipeline, or None when the launch ended early with a
-    checkpoint (train.stop_after)."""
+    """Plain and picklable: the same call runs locally, in the container and under SLURM. Starts one process
+    per GPU where asked (ddpm.training.local_launch). Returns the exported pipeline, or None when the launch ended
+    early with a checkpoint (train.stop_after)."""
     from ddpm.training.local_launch import launch, processes_to_start
 
     nproc, on_cpu = processes_to_start(getattr(cfg, "gpus", "auto"), getattr(cfg, "processes", 0))

@@ -59,8 +59,8 @@ def model_fingerprint(path: str) -> str:
 
 
 def resolved_sampler(path: str, scheduler: str) -> dict:
-    """The settings the sampler `scheduler` runs with on the model at `path` (ddpm.sampling.sample.sampler_settings), read
-    from the model's schedule without loading its weights; {} where the schedule cannot be read. Part of what
+    """The settings the sampler `scheduler` runs with on the model at `path` (sampler_settings), read from
+    the model's schedule without loading its weights; {} where the schedule cannot be read. Part of what
     decides a score: a sampler whose settings changed (in this project or in diffusers) scores again."""
     from ddpm.sampling.sample import sampler_recipe, sampler_settings
 
@@ -215,7 +215,7 @@ class Evaluator:
         return row
 
     def _floor(self, reference: np.ndarray, described: str, num_images: int) -> float | None:
-        """The metric's real-vs-real floor at this image count (ddpm.evaluation.metrics.fd_floor), once per reference."""
+        """The metric's real-vs-real floor at this image count (metrics.fd_floor), once per reference."""
         from ddpm.evaluation.metrics import fd_floor
 
         key = (described, len(reference), num_images)

@@ -3,9 +3,9 @@
 A cell's settings include a fingerprint of the model's weights, so a checkpoint replaced under the same
 name, or a pipeline exported again, is sampled again; anything else already done is skipped.
 
-A model of a training run also keeps every sweep's scores in the run's scores.jsonl (ddpm.evaluation.scores): a cell that
-another sweep (last night's, say) scored with the same weights and settings is taken from there instead of being
-sampled again, so a nightly sweep over the newest checkpoints only samples the checkpoints that are new.
+A model of a training run also keeps every sweep's scores in the run's scores.jsonl (ddpm.evaluation.scores): a
+cell that another sweep (last night's, say) scored with the same weights and settings is taken from there instead
+of being sampled again, so a nightly sweep over the newest checkpoints only samples the checkpoints that are new.
 """
 
 from __future__ import annotations

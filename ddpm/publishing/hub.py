@@ -101,7 +101,8 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     unet = json.loads((pipeline / "unet" / "config.json").read_text())
     scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
-    # the project's default sampler with the settings ddpm.sampling.sample gives it on this schedule: what `ddpm sample` runs
+    # the project's default sampler with the settings ddpm.sampling.sample gives it on this schedule:
+    # what `ddpm sample` runs
     sampler_cls, sampler_extra = sampler_recipe(DEFAULT_SAMPLER, scheduler)
     sampler_args = ", ".join(f"{k}={v!r}" for k, v in sampler_extra.items())
     data = cfg.get("data", {})
