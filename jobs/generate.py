@@ -67,7 +67,8 @@ CONFIG = GenerateConfig
 
 
 def run(cfg: GenerateConfig) -> Path:
-    """Returns the output directory. DDPM pipelines run on the library's sampling loop, as `ddpm sample` does (it scales the
+    """Returns the output directory. DDPM pipelines run on the library's sampling loop, as `ddpm sample` does (it
+    scales the
     initial noise and the model input for every scheduler); other pipelines through their own __call__."""
     import numpy as np
     import torch
