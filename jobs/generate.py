@@ -68,8 +68,7 @@ CONFIG = GenerateConfig
 
 def run(cfg: GenerateConfig) -> Path:
     """Returns the output directory. DDPM pipelines run on the library's sampling loop, as `ddpm sample` does (it
-    scales the
-    initial noise and the model input for every scheduler); other pipelines through their own __call__."""
+    scales the initial noise and the model input for every scheduler); other pipelines through their own __call__."""
     import numpy as np
     import torch
     from PIL import Image
