@@ -15,7 +15,7 @@ help:
 	@echo "make test                                                  the fast suite, on every core (under 10 min on 2 cores)"
 	@echo "make test-slow                                             the long variants: SLURM cluster, fault injection (CI runs both)"
 	@echo "make lint / format                                         ruff: check formatting and lint / fix them"
-	@echo "make sample PIPELINE=runs/<name>/pipeline                 sample 64 images with the default sampler"
+	@echo "make sample [PIPELINE=runs/<name>/pipeline]               64 images, default sampler; from runs/digits-16px, else the newest export"
 	@echo "make bench [ARGS=--quick|--ablation|--sampling]           speed figures (bench/), appended to docs/benchmarks.md"
 	@echo "make bench-gpu [ARGS=--quick]                             GPU figures: training MFU, sampling at batch 256"
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
@@ -62,9 +62,17 @@ test-cuda-variants: $(if $(filter .uv-boot/bin/uv,$(UV)),.uv-boot/bin/uv)
 train: install
 	.venv/bin/ddpm train $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-PIPELINE ?= $(firstword $(wildcard runs/*/pipeline))
+# make sample's model: PIPELINE= as given; else the README's default run (what make train writes) when it has been
+# exported; else the newest export under runs/ (by the mtime of its model_index.json). The choice is printed first.
+PIPELINE ?=
+DEFAULT_PIPELINE := runs/digits-16px/pipeline
 sample: install
-	.venv/bin/ddpm sample --pipeline $(PIPELINE) $(ARGS)
+	@if [ -n '$(PIPELINE)' ]; then p='$(PIPELINE)'; why='as given'; \
+	elif [ -f $(DEFAULT_PIPELINE)/model_index.json ]; then p=$(DEFAULT_PIPELINE); why="the default run, make train's"; \
+	else p=$$(ls -t runs/*/pipeline/model_index.json 2>/dev/null | head -n 1); p=$${p%/model_index.json}; why='the newest export'; fi; \
+	if [ -z "$$p" ]; then echo "make sample: no exported pipeline under runs/: run make train, or give PIPELINE=runs/<name>/pipeline" >&2; exit 2; fi; \
+	echo "make sample: sampling $$p ($$why; PIPELINE=... to choose)"; \
+	.venv/bin/ddpm sample --pipeline "$$p" $(ARGS)
 
 # The tests need no network: the Hub is offline and W&B writes offline run files. -n: one pytest worker per core.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
@@ -130,8 +138,10 @@ submit-sweep: install
 	$(need_cluster)
 	.venv/bin/ddpm submit sweep --cluster $(CLUSTER) --config $(SWEEP) $(if $(WAIT),--wait) $(ARGS)
 
+# No default model here: an upload of the wrong model is worse than none.
 submit-upload: install
 	$(need_cluster)
+	@test -n '$(PIPELINE)' || { echo "make submit-upload: give PIPELINE=<the export to upload>, e.g. PIPELINE=$(DEFAULT_PIPELINE)" >&2; exit 2; }
 	.venv/bin/ddpm submit upload --cluster $(CLUSTER) --pipeline $(PIPELINE) --repo-id $(REPO) $(if $(AFTER),--after $(AFTER)) $(if $(WAIT),--wait) $(ARGS)
 
 nightly-install: install

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from ddpm.config import load_config
+from ddpm.evaluation.compare import CURVES, Run, common_measurement, figures, labels_for, load_run, render
 from ddpm.training.loop import train
 from tests.conftest import ROOT, run_cli, tiny_overrides
 
@@ -72,6 +73,50 @@ def test_report_shows_curves_grids_best_scores_and_the_differing_keys(two_runs, 
         scores = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
         best = min(scores, key=lambda s: s["fd_digitsnet"])
         assert f"{best['fd_digitsnet']:.4g} at step {best['step']}" in page
+
+
+def assert_titles_fit(charts: dict) -> None:
+    """Every title of every chart, once drawn, no wider than its axes (nor outside the figure)."""
+    assert charts
+    for alt, fig in charts.items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            title, box = ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)
+            assert title.width <= box.width, (alt, ax.get_title())
+            assert box.x0 - 1 <= title.x0 and title.x1 <= box.x1 + 1, (alt, ax.get_title())
+            assert title.x1 <= fig.bbox.width, (alt, ax.get_title())
+
+
+def test_the_report_charts_of_real_runs_keep_their_titles_inside_the_axes(two_runs):
+    runs = [load_run(p, label) for p, label in zip(two_runs, labels_for(two_runs))]
+    assert_titles_fit(figures(runs, common_measurement(runs)))
+
+
+@pytest.mark.parametrize("reference", ["digits at 16px", "hf:huggan/smithsonian_butterflies_subset:train at 64px"])
+def test_a_long_quality_title_is_wrapped_to_its_axes(tmp_path, reference):
+    """The title that ran past the figure (and was cut at a 1280 px browser's edge): wrapped, every word kept."""
+    score = {"metric": "digitsnet", "reference_data": reference, "reference_images": 1797, "num_images": 64,
+             "scheduler": "sde-dpmsolver++", "steps": 25, "seed": 0, "precision": "bf16"}  # fmt: skip
+    runs = [
+        Run(label=name, path=tmp_path / name, config={"optim": {"lr": lr}}, grid=None,
+            metrics=[{"step": s, "loss": 1 / (s + 1)} for s in range(0, 3000, 100)],
+            scores=[{**score, "step": s, "fd_digitsnet": 100 / s} for s in (1000, 2000, 3000)])
+        for name, lr in (("digits-16px-lr-1e-4-warmup-500", 1e-4), ("digits-16px-lr-1e-3-warmup-500", 1e-3))
+    ]  # fmt: skip
+    how = common_measurement(runs)
+    charts = figures(runs, how)
+    quality = charts[CURVES].axes[1].get_title()
+    assert quality.split() == f"fd_digitsnet: 64 images, sde-dpmsolver++ 25 steps (bf16), vs {reference}".split()
+    assert "\n" in quality
+    assert_titles_fit(charts)
+    # the page's picture is the figure's width at most (the wrapped title no longer widens it), and the page lets
+    # the browser scale it down to the window
+    parser = Images()
+    parser.feed(page := render(runs))
+    curves = _decoded({img["alt"]: img for img in parser.images}[CURVES]["src"])
+    assert curves.width <= 2 * 6.5 * 110
+    assert "img.curves { max-width: 100%" in page
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import textwrap
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,15 +102,28 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def plot_curves(runs: list[Run], how: tuple | None) -> str:
-    """Loss (and, where there are scores, quality) against training step, a line per run: a base64 PNG."""
-    import matplotlib
+def fit_titles(fig) -> None:
+    """Wraps each axes' title onto as many lines as it takes to be no wider than its axes: a title that runs past
+    the panel widens the picture, and a browser cuts it at the window's edge."""
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        title, room = ax.title, ax.get_window_extent(renderer).width
+        text = title.get_text()
+        chars = len(text)
+        while chars > 1 and (width := title.get_window_extent(renderer).width) > room:
+            chars = min(chars - 1, int(chars * room / width))  # the first guess from the overflow, then a char less
+            title.set_text(textwrap.fill(text, max(chars, 1), break_on_hyphens=False))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def curves_figure(runs: list[Run], how: tuple | None):
+    """Loss (and, where there are scores, quality) against training step, a line per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels = 2 if how else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+    fig = Figure(figsize=(6.5 * panels, 4))
+    FigureCanvasAgg(fig)  # no pyplot: nothing global to close, and a renderer to measure the titles with
+    axes = fig.subplots(1, panels, squeeze=False)
     loss_ax = axes[0][0]
     for run in runs:
         points = [(m["step"], m["loss"]) for m in run.metrics if "loss" in m]
@@ -133,9 +147,18 @@ def plot_curves(runs: list[Run], how: tuple | None) -> str:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return fig
+
+
+CURVES = "loss and quality against training step"
+
+
+def figures(runs: list[Run], how: tuple | None) -> dict[str, Any]:
+    """Every chart of the report by its alt text, each title fitted to its axes."""
+    charts = {CURVES: curves_figure(runs, how)}
+    for fig in charts.values():
+        fit_titles(fig)
+    return charts
 
 
 def _summary(run: Run, how: tuple | None) -> dict[str, str]:
@@ -171,6 +194,7 @@ th { background: #f3f3f3; }
 figure { margin: 0; }
 figcaption { font-size: 13px; color: #555; }
 img.grid { image-rendering: pixelated; max-width: 420px; }
+img.curves { max-width: 100%; height: auto; }
 .muted { color: #777; }
 """
 
@@ -194,6 +218,7 @@ def render(runs: list[Run]) -> str:
         if how
         else '<p class="muted">No scores yet: turn on train.eval_every, or run ddpm evaluate on a checkpoint.</p>'
     )
+    charts = {alt: _png(fig) for alt, fig in figures(runs, how).items()}
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ddpm compare: {html.escape(", ".join(r.label for r in runs))}</title>
@@ -204,7 +229,7 @@ def render(runs: list[Run]) -> str:
 {_table([_summary(r, how) for r in runs], "summary")}
 <h2>Curves</h2>
 {quality_note}
-<img class="curves" alt="loss and quality against training step" src="data:image/png;base64,{plot_curves(runs, how)}">
+<img class="curves" alt="{CURVES}" src="data:image/png;base64,{charts[CURVES]}">
 <h2>Config keys that differ</h2>
 {_table(diff_rows, "config") if diff_rows else '<p class="muted">None: the runs share every config value.</p>'}
 <h2>Newest samples</h2>
