@@ -146,7 +146,7 @@ submit-upload: install
 
 nightly-install: install
 	$(need_cluster)
-	.venv/bin/python -m slurm.nightly install --cluster $(CLUSTER) --runs $(NIGHTLY)
+	.venv/bin/ddpm nightly install --cluster $(CLUSTER) --runs $(NIGHTLY)
 
 # A real two-node SLURM cluster on this machine (network + UTS namespaces), for development and the tests.
 cluster-up:

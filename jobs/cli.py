@@ -25,7 +25,7 @@ from ddpm.typed_config import add_arguments, flag_values, load_job_config
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # checkpoint written on SIGTERM/SIGUSR2; rerun (or requeue) to resume
-JOBS = ("train", "prepare", "sample", "sweep", "evaluate", "compare", "upload", "generate", "doctor")
+JOBS = ("train", "prepare", "sample", "sweep", "evaluate", "compare", "upload", "generate", "doctor", "nightly")
 
 
 def job_module(name: str) -> ModuleType:
@@ -43,7 +43,7 @@ def _add_job(sub, name: str, help_prefix: str = "") -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from slurm.submit import SUBMITTABLE, SubmitOptions
+    from jobs.submit import SUBMITTABLE, SubmitOptions
 
     p = argparse.ArgumentParser(prog="ddpm", description="Train, sample, evaluate and publish DDPM image models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,10 +81,10 @@ def build(name: str, args: argparse.Namespace):
 
 
 def _training_grid(args: argparse.Namespace) -> int | None:
-    """`ddpm submit train` with multi-valued overrides (slurm.grid): a run per point, as one SLURM array; None when
+    """`ddpm submit train` with multi-valued overrides (jobs.grid): a run per point, as one SLURM array; None when
     the overrides describe a single run."""
-    from slurm.grid import expand
-    from slurm.submit import SubmitOptions, submit_train_grid
+    from jobs.grid import expand
+    from jobs.submit import SubmitOptions, submit_train_grid
 
     points = expand(args.overrides)
     if points is None:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(dump_yaml(cfg), end="")
             return 0
         if args.command == "submit":
-            from slurm.submit import SubmitOptions, submit
+            from jobs.submit import SubmitOptions, submit
 
             opts = load_job_config(SubmitOptions, values=flag_values(SubmitOptions, args))
             return submit(name, cfg, opts)

@@ -1,5 +1,8 @@
 """What runs on the nodes: one callable per job kind, pickled by submitit at submission.
 
+Each task is handed the job's `run(cfg)` (a module-level function such as jobs.train.run): pickle stores it by
+reference, so the node imports it from the job's code snapshot; this layer knows nothing of the jobs themselves.
+
 Training handles its own stop signal (ddpm.training.loop.StopRequest: every rank learns of it at the next
 log step, the checkpoint is written collectively) and then requeues the job itself; submitit's own
 handler only calls `checkpoint()` on global rank 0, before the other ranks know anything. Sweep
@@ -74,7 +77,10 @@ def requeue(max_requeues: int, reason: str) -> None:
 class TrainTask:
     """One task per GPU (per node on CPUs): torch.distributed from SLURM's variables, then the training job."""
 
-    def __init__(self, cfg, max_requeues: int, dist_timeout_min: int, gpus_per_task: int = 0):
+    def __init__(
+        self, run: Callable[[Any], Any], cfg, max_requeues: int, dist_timeout_min: int, gpus_per_task: int = 0
+    ):
+        self.run = run  # the training job's run(cfg), e.g. jobs.train.run: returns the run directory (or None)
         self.cfg, self.max_requeues, self.dist_timeout_min = cfg, max_requeues, dist_timeout_min
         self.gpus_per_task = gpus_per_task  # the profile's gpus_per_node: every task sees its node's GPUs
 
@@ -83,7 +89,6 @@ class TrainTask:
         import submitit
 
         from ddpm.environment import require_gpus
-        from jobs import train
 
         cfg = cfg if cfg is not None else self.cfg
 
@@ -100,7 +105,7 @@ class TrainTask:
             flush=True,
         )
         try:
-            path = train.run(cfg)
+            path = self.run(cfg)
         except RunStopped as e:
             requeue(self.max_requeues, str(e))
             raise
@@ -111,16 +116,15 @@ class SweepShardTask:
     """Array task i runs shard i/n of the sweep; on the time-limit signal submitit requeues it and done cells are
     skipped."""
 
-    def __init__(self, cfg, num_shards: int, cells: list):
+    def __init__(self, run: Callable[..., Any], cfg, num_shards: int, cells: list):
+        self.run = run  # the sweep job's run(cfg, cells=...), e.g. jobs.sweep.run
         self.cfg, self.num_shards, self.cells = cfg, num_shards, cells  # the cells travel with the job
 
     def __call__(self, shard: int) -> str:
-        from jobs import sweep
-
         _setup_logging()
         if os.environ.get("DDPM_REQUEUE_BY_HOST"):
             _requeue_from_host_on(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
-        sweep.run(dataclasses.replace(self.cfg, shard=f"{shard}/{self.num_shards}"), cells=self.cells)
+        self.run(dataclasses.replace(self.cfg, shard=f"{shard}/{self.num_shards}"), cells=self.cells)
         return f"shard {shard}/{self.num_shards} done"
 
     def checkpoint(self, shard: int):
@@ -130,19 +134,19 @@ class SweepShardTask:
 
 
 class PrepareTask:
-    """Array task i of n decodes parts i, i+n, ... of the data (jobs.prepare); the task that finds every part written
-    finishes the cache. On the time-limit signal submitit requeues it, and the written parts are kept."""
+    """Array task i of n decodes parts i, i+n, ... of the data (the prepare job's run, given `part`); the task that
+    finds every part written finishes the cache. On the time-limit signal submitit requeues it, and the written parts
+    are kept."""
 
-    def __init__(self, cfg, num_tasks: int):
+    def __init__(self, run: Callable[[Any], Any], cfg, num_tasks: int):
+        self.run = run  # the prepare job's run(cfg), e.g. jobs.prepare.run: the finished folder, or None
         self.cfg, self.num_tasks = cfg, num_tasks
 
     def __call__(self, task: int) -> str:
-        from jobs import prepare
-
         _setup_logging()
         if os.environ.get("DDPM_REQUEUE_BY_HOST"):
             _requeue_from_host_on(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
-        done = prepare.run(dataclasses.replace(self.cfg, part=f"{task}/{self.num_tasks}"))
+        done = self.run(dataclasses.replace(self.cfg, part=f"{task}/{self.num_tasks}"))
         return f"part {task}/{self.num_tasks} done" + (f"; complete: {done}" if done else "")
 
     def checkpoint(self, task: int):
@@ -167,14 +171,13 @@ def _requeue_from_host_on(signal_name: str) -> None:
 class SweepMergeTask:
     """After the array: the results table, plot and W&B run from the cells the shards wrote."""
 
-    def __init__(self, cfg, cells: list):
+    def __init__(self, run: Callable[..., Any], cfg, cells: list):
+        self.run = run  # the sweep job's run(cfg, cells=...), e.g. jobs.sweep.run
         self.cfg, self.cells = cfg, cells
 
     def __call__(self) -> str:
-        from jobs import sweep
-
         _setup_logging()
-        files = sweep.run(dataclasses.replace(self.cfg, merge=True), cells=self.cells)
+        files = self.run(dataclasses.replace(self.cfg, merge=True), cells=self.cells)
         return str(files["csv"])
 
 

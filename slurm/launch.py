@@ -1,5 +1,8 @@
 """Submitting jobs with submitit: training (multi-node), sweeps (an array plus a merge), uploads (after training).
 
+Every submit_* function is handed the job's `run` (such as jobs.train.run, imported on the node from the code
+snapshot): this layer decides where and how a job runs, the jobs decide what runs.
+
 Each submission runs from a snapshot of the code: `git stash create` makes a commit of HEAD plus
 any uncommitted changes to tracked files without touching the checkout, and `git archive` unpacks
 it under `<runs_dir>/.code/<sha>/`; the job's working directory and PYTHONPATH point there and the
@@ -17,8 +20,10 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ddpm.config import Config
 from ddpm.errors import UserError
@@ -26,6 +31,7 @@ from ddpm.files import unique_suffix
 from slurm.profile import ClusterProfile, check_shared, python_command, sbatch_parameters
 
 REPO = Path(__file__).resolve().parents[1]
+Run = Callable[..., Any]  # a job's run(cfg), module-level (e.g. jobs.train.run): pickled by reference
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -140,7 +146,10 @@ def _absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, runs_dir=str(Path(cfg.runs_dir).resolve()), data=data)
 
 
-def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None, after: str = "") -> Submitted:
+def submit_train(
+    profile: ClusterProfile, run: Run, cfg: Config, nodes: int | None = None, after: str = ""
+) -> Submitted:
+    """`run`: the training job's run(cfg), e.g. jobs.train.run, on every task of the job."""
     from slurm.entry import TrainTask
 
     cfg = _absolute(cfg)
@@ -159,14 +168,14 @@ def submit_train(profile: ClusterProfile, cfg: Config, nodes: int | None = None,
         after=after,
         binds=[Path(cfg.runs_dir), *data],
     )
-    job = ex.submit(TrainTask(cfg, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node))
+    job = ex.submit(TrainTask(run, cfg, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node))
     return Submitted("train", job.job_id, job.paths.stdout, job.paths.stderr)
 
 
 def submit_grid(
-    profile: ClusterProfile, cfgs: list[Config], grid_dir: Path, nodes: int | None = None, after: str = ""
+    profile: ClusterProfile, run: Run, cfgs: list[Config], grid_dir: Path, nodes: int | None = None, after: str = ""
 ) -> Submitted:
-    """A training grid as one SLURM array: element i trains cfgs[i] (its own run directory, W&B run and requeues).
+    """A training grid as one SLURM array: element i runs `run(cfgs[i])` (its own run directory, W&B run and requeues).
     The array's logs and grid.json (its points and their run directories) go to `grid_dir`."""
     from slurm.entry import TrainTask
 
@@ -178,7 +187,8 @@ def submit_grid(
     data = {Path(p) for c in cfgs for p in (c.data.path if c.data.source == "folder" else "", c.data.cache_dir) if p}
     binds = [*{Path(c.runs_dir) for c in cfgs}, *data]
     ex = _executor(profile, logs / "%j", "train", f"grid-{grid_dir.name}", code, sha, nodes, after=after, binds=binds)
-    jobs = ex.map_array(TrainTask(None, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node), cfgs)
+    task = TrainTask(run, None, profile.max_requeues, profile.dist_timeout_min, profile.gpus_per_node)
+    jobs = ex.map_array(task, cfgs)
     array_id = jobs[0].job_id.split("_")[0]
     points = [{"task": i, "name": c.run_name, "run_dir": str(c.run_dir)} for i, c in enumerate(cfgs)]
     from ddpm.files import write_json
@@ -187,10 +197,11 @@ def submit_grid(
     return Submitted(f"training grid array ({len(cfgs)} runs)", array_id, jobs[0].paths.stdout, jobs[0].paths.stderr)
 
 
-def submit_prepare(profile: ClusterProfile, cfg, tasks: int) -> Submitted:
+def submit_prepare(profile: ClusterProfile, run: Run, cfg, tasks: int) -> Submitted:
     """An array of `tasks` CPU tasks that decode the data into the cache (or write shards) before training;
-    `cfg` is jobs.prepare.PrepareConfig. A training job submitted with `--after` the array's id starts when every
-    task succeeded. With data.refresh, the source is listed once, by the first task, after the submission."""
+    `run` is the prepare job's run and `cfg` its config (jobs.prepare.run, jobs.prepare.PrepareConfig). A training
+    job submitted with `--after` the array's id starts when every task succeeded. With data.refresh, the source is
+    listed once, by the first task, after the submission."""
     from ddpm.data.cache import cache_root
     from slurm.entry import PrepareTask
 
@@ -206,14 +217,15 @@ def submit_prepare(profile: ClusterProfile, cfg, tasks: int) -> Submitted:
     code, sha = code_snapshot(logs / ".code")
     binds = [target, Path(data.cache_dir), *([Path(data.path)] if data.source == "folder" else [])]
     ex = _executor(profile, logs / "%j", "prepare", f"prepare-{target.name}", code, sha, binds=binds)
-    jobs = ex.map_array(PrepareTask(cfg, tasks), list(range(tasks)))
+    jobs = ex.map_array(PrepareTask(run, cfg, tasks), list(range(tasks)))
     array_id = jobs[0].job_id.split("_")[0]
     return Submitted(f"prepare array ({tasks} tasks)", array_id, jobs[0].paths.stdout, jobs[0].paths.stderr)
 
 
-def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, Submitted]:
-    """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded.
-    `cfg` is the sweep job's config (jobs.sweep.SweepJobConfig)."""
+def submit_sweep(profile: ClusterProfile, run: Run, cfg, shards: int) -> tuple[Submitted, Submitted]:
+    """An array of `shards` tasks, then a CPU job that merges their cells once all of them succeeded. `run` is the
+    sweep job's run(cfg, cells=...) and `cfg` its config (jobs.sweep.run, jobs.sweep.SweepJobConfig): the tasks call
+    it with `shard` set, the merge with `merge` set."""
     from ddpm.evaluation.sweep import plan
     from slurm.entry import SweepMergeTask, SweepShardTask
 
@@ -228,10 +240,10 @@ def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, 
     if cfg.inception_weights:
         binds.append(Path(cfg.inception_weights).parent)
     ex = _executor(profile, logs / "%j", "sweep", f"sweep-{cfg.name}", code, sha, binds=binds)
-    jobs = ex.map_array(SweepShardTask(cfg, shards, cells), list(range(shards)))
+    jobs = ex.map_array(SweepShardTask(run, cfg, shards, cells), list(range(shards)))
     array_id = jobs[0].job_id.split("_")[0]
     merge = _executor(profile, logs / "%j", "cpu", f"merge-{cfg.name}", code, sha, after=array_id, binds=binds).submit(
-        SweepMergeTask(cfg, cells)
+        SweepMergeTask(run, cfg, cells)
     )
     first = jobs[0]
     return (
@@ -242,16 +254,16 @@ def submit_sweep(profile: ClusterProfile, cfg, shards: int) -> tuple[Submitted, 
     )
 
 
-def submit_upload(profile: ClusterProfile, cfg, after: str = "") -> Submitted:
-    """A Hub upload (jobs.upload.UploadConfig) as a small CPU job, after job `after` succeeded if given."""
-    from jobs import upload
+def submit_upload(profile: ClusterProfile, run: Run, cfg, after: str = "") -> Submitted:
+    """A Hub upload as a small CPU job, after job `after` succeeded if given: `run(cfg)`, the upload job's run and
+    config (jobs.upload.run, jobs.upload.UploadConfig; `cfg.pipeline` places the logs and the code snapshot)."""
     from slurm.entry import JobTask
 
     logs = Path(cfg.pipeline).resolve().parent / "slurm"
     check_shared(profile, **{"the SLURM log folder": logs})
     code, sha = code_snapshot(logs.parent.parent / ".code")  # <runs_dir>/.code, shared with training
     ex = _executor(profile, logs / "%j", "cpu", "upload", code, sha, after=after, binds=[logs.parent])
-    job = ex.submit(JobTask(upload.run, cfg))
+    job = ex.submit(JobTask(run, cfg))
     return Submitted(
         "upload" + (f" (after job {after} succeeds)" if after else ""), job.job_id, job.paths.stdout, job.paths.stderr
     )

@@ -66,10 +66,11 @@ def test_a_gpu_training_task_without_usable_gpus_fails_before_any_work(tmp_path)
     from ddpm.config import load_config
     from ddpm.environment import require_gpus
     from ddpm.errors import UserError
+    from jobs import train
     from slurm.entry import TrainTask
 
     require_gpus(0)  # a CPU profile asks for none
     cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}"])
     with pytest.raises(UserError, match=r"^8 GPU\(s\) asked for, 0 usable on .*: .*ddpm doctor"):
-        TrainTask(cfg, max_requeues=1, dist_timeout_min=1, gpus_per_task=8)()
+        TrainTask(train.run, cfg, max_requeues=1, dist_timeout_min=1, gpus_per_task=8)()
     assert not (tmp_path / "runs").exists()

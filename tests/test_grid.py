@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ddpm.errors import ConfigError
-from slurm.grid import expand, split_values
+from jobs.grid import expand, split_values
 from tests.conftest import run_cli
 
 

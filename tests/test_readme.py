@@ -14,7 +14,7 @@ import shlex
 import pytest
 
 from jobs.cli import _parser, build
-from slurm.grid import expand
+from jobs.grid import expand
 from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

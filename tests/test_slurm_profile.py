@@ -120,7 +120,7 @@ def test_logs_on_a_node_local_disk_are_refused_unless_the_profile_allows_it(tmp_
 def test_nightly_file_becomes_a_dated_sweep_over_the_newest_checkpoints(tmp_path):
     import datetime
 
-    from slurm.nightly import sweep_config
+    from jobs.nightly import sweep_config
 
     (tmp_path / "nightly.yaml").write_text(
         "runs: [runs/a, /abs/b]\nnewest: 3\nsweep: {schedulers: [ddim], steps: [10], metric: digitsnet}\n"
@@ -144,7 +144,8 @@ def test_nightly_install_without_scrontab_prints_the_crontab_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "slurm.nightly",
+            "jobs.cli",
+            "nightly",
             "install",
             "--cluster",
             "local",
@@ -158,7 +159,7 @@ def test_nightly_install_without_scrontab_prints_the_crontab_line(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
-    assert line.startswith("30 3 * * * cd ") and "-m slurm.nightly submit --cluster local --runs" in line
+    assert line.startswith("30 3 * * * cd ") and ".venv/bin/ddpm nightly submit --cluster local --runs" in line
 
 
 def test_code_snapshot_takes_uncommitted_and_new_files_and_leaves_the_checkout_alone(tmp_path, monkeypatch):

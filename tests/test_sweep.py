@@ -293,7 +293,7 @@ def test_nightly_sweeps_score_only_new_checkpoints_and_plot_quality_across_night
 
     from ddpm.config import load_config
     from ddpm.training.loop import train
-    from slurm.nightly import new_cells, sweep_config
+    from jobs.nightly import new_cells, sweep_config
     from tests.conftest import tiny_overrides
 
     monkeypatch.setenv("DDPM_CACHE", str(shared_cache / "ddpm"))
@@ -316,7 +316,7 @@ def test_nightly_sweeps_score_only_new_checkpoints_and_plot_quality_across_night
     sweep_job.run(night[1])
     assert new_cells(night[2]) == []  # no new checkpoint: nothing to score
     r = subprocess.run(
-        [sys.executable, "-m", "slurm.nightly", "submit", "--cluster", "local", "--runs", str(nightly)],
+        [sys.executable, "-m", "jobs.cli", "nightly", "submit", "--cluster", "local", "--runs", str(nightly)],
         capture_output=True,
         text=True,
         cwd=ROOT,

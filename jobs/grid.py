@@ -2,9 +2,9 @@
 
     ddpm submit train --cluster gpu optim.lr=1e-4,4e-4 train.batch_size=32,64
 
-is four runs, submitted as one SLURM array (slurm.launch.submit_grid): each point has its own run directory and
-W&B run, named from the values it varies (`digits-16px_lr-1e-4_batch_size-32`), all in one W&B group named after
-the grid, and each element requeues and resumes on its own. Commas inside brackets belong to one value
+is four runs, submitted as one SLURM array (jobs.submit, then slurm.launch.submit_grid): each point has its own run
+directory and W&B run, named from the values it varies (`digits-16px_lr-1e-4_batch_size-32`), all in one W&B group
+named after the grid, and each element requeues and resumes on its own. Commas inside brackets belong to one value
 (`model.block_out_channels=[32,64]` is not an axis).
 """
 

@@ -2,7 +2,7 @@
 
 The job's config is built exactly as `ddpm <job>` builds it (same flags, YAML and key=value overrides);
 SubmitOptions adds the cluster, the wait and what follows (an upload after training). The SLURM tasks
-carry the typed configs (slurm.entry), never a command line.
+carry the typed configs and the jobs' run functions (slurm.entry), never a command line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class SubmitOptions:
 
 
 def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
-    """A training grid (slurm.grid) as one array; with --upload, each point's upload after its own element."""
+    """A training grid (jobs.grid) as one array; with --upload, each point's upload after its own element."""
+    from jobs import train, upload
     from jobs.upload import UploadConfig
     from slurm import launch
     from slurm.profile import load_profile
@@ -61,7 +62,7 @@ def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
                 raise UserError(
                     f"--upload: the grid point's repository {repo!r} is not a valid Hub name ({e})"
                 ) from None
-    array = launch.submit_grid(profile, cfgs, grid_dir, opts.nodes or profile.nodes, after=opts.after)
+    array = launch.submit_grid(profile, train.run, cfgs, grid_dir, opts.nodes or profile.nodes, after=opts.after)
     print(array.describe(), flush=True)
     submitted = [array]
     for i, cfg in enumerate(cfgs):
@@ -69,6 +70,7 @@ def submit_train_grid(cfgs: list, grid_dir: Path, opts: SubmitOptions) -> int:
         if opts.upload:
             up = launch.submit_upload(
                 profile,
+                upload.run,
                 UploadConfig(
                     pipeline=str(Path(cfg.runs_dir).resolve() / cfg.run_name / "pipeline"),
                     repo_id=repos[i],
@@ -103,6 +105,7 @@ def _wait(submitted: list) -> int:
 
 def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
     """Submit, print the job ids and log paths; with --wait, block and return 1 if any job failed."""
+    from jobs import prepare, sweep, train, upload
     from jobs.upload import UploadConfig
     from slurm import launch
     from slurm.profile import load_profile
@@ -113,29 +116,30 @@ def submit(job: str, cfg: Any, opts: SubmitOptions) -> int:
     if job == "train":
         _refuse_local_launch(cfg)
         nodes = opts.nodes or profile.nodes
-        train = launch.submit_train(profile, cfg, nodes, after=opts.after)
-        print(launch.describe_train(cfg, train, nodes, profile), flush=True)
-        submitted.append(train)
+        training = launch.submit_train(profile, train.run, cfg, nodes, after=opts.after)
+        print(launch.describe_train(cfg, training, nodes, profile), flush=True)
+        submitted.append(training)
         if opts.upload:
             pipeline = Path(cfg.runs_dir).resolve() / cfg.run_name / "pipeline"
             up = launch.submit_upload(
                 profile,
+                upload.run,
                 UploadConfig(pipeline=str(pipeline), repo_id=opts.upload, dry_run=opts.dry_run_upload),
-                after=train.job_id,
+                after=training.job_id,
             )
             print(up.describe(), flush=True)
             submitted.append(up)
     elif job == "prepare":
-        array = launch.submit_prepare(profile, cfg, opts.tasks)
+        array = launch.submit_prepare(profile, prepare.run, cfg, opts.tasks)
         print(f"{array.describe()}\n  then: ddpm submit train ... --after {array.job_id}", flush=True)
         submitted.append(array)
     elif job == "sweep":
-        array, merge = launch.submit_sweep(profile, cfg, opts.shards or 64)
+        array, merge = launch.submit_sweep(profile, sweep.run, cfg, opts.shards or 64)
         print(f"{array.describe()}\n{merge.describe()}\n  results: {cfg.sweep_dir}", flush=True)
         submitted += [array, merge]
     elif job == "upload":
         cfg = dataclasses.replace(cfg, pipeline=str(Path(cfg.pipeline).resolve()))
-        up = launch.submit_upload(profile, cfg, after=opts.after)
+        up = launch.submit_upload(profile, upload.run, cfg, after=opts.after)
         print(up.describe(), flush=True)
         submitted.append(up)
     else:
