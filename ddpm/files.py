@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ddpm.errors import UserError
+
 
 def unique_suffix() -> str:
     """For temporary names beside their target: pids repeat across the nodes of a shared filesystem."""
@@ -60,3 +62,83 @@ def claimed(lock_file: Path, wait: bool) -> Iterator[bool]:
         yield held
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# What a write that fails for a reason the user fixes (a path, its permissions, its disk) raises: reported as one
+# line naming the path, never as a traceback.
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}  # a write error wherever they come from
+
+
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def _within(path: Path, place: Path) -> bool:
+    return path == place or place in path.parents
+
+
+def cannot_write(what: str, path: str | Path, e: OSError) -> UserError:
+    """The one-line error for a failed write under `path` ("the run directory", "the report", ...): the path, the
+    file that failed when another, and the reason ("Permission denied", "No space left on device", ...)."""
+    failed = f" ({e.filename})" if e.filename and Path(os.fsdecode(e.filename)) != Path(path) else ""
+    return UserError(f"cannot write {what} {path}{failed}: {_reason(e)}")
+
+
+def _make_dir(path: Path) -> None:
+    """Creates `path` (and its parents) when missing and proves it writable with an empty file, then removed."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)  # FileExistsError when it is a file
+    except FileExistsError:
+        if path.is_dir():
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+    probe = path / f".write-test-{unique_suffix()}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    probe.unlink()
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """`path` as a directory this process can write to, checked before any expensive work: created (with its
+    parents) when missing and proven by writing and removing an empty file; else the one-line UserError of
+    `cannot_write`. Nothing that exists is changed."""
+    path = Path(path).expanduser()
+    try:
+        _make_dir(path)
+    except OSError as e:
+        raise cannot_write(what, path, e) from None
+    return path
+
+
+def writable_file(path: str | Path, what: str) -> Path:
+    """`path` as a file this process can create or replace: its folder as `writable_dir`, and not a folder itself."""
+    path = Path(path).expanduser()
+    try:
+        _make_dir(path.parent)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    except OSError as e:
+        raise cannot_write(what, path, e) from None
+    return path
+
+
+@contextmanager
+def writing(*places: tuple[str, str | Path]) -> Iterator[None]:
+    """Turns a failed write under one of `places` ((what, path) pairs, e.g. ("the run directory", run_dir)) into
+    the one-line UserError of `cannot_write`, for errors that come after the up-front `writable_dir` check (a
+    disk that fills mid-run, a folder removed or made read-only meanwhile). A full or read-only disk is reported
+    wherever the file is; other errors outside the places (a dataset that cannot be read, ...) pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _PATH_ERRNOS | _DISK_ERRNOS:
+            raise
+        failed = Path(os.fsdecode(e.filename)).absolute() if e.filename else None
+        for what, path in places:
+            if failed is None or _within(failed, Path(path).expanduser().absolute()):
+                if failed is None and e.errno not in _DISK_ERRNOS:
+                    break  # no file named: not surely a write
+                raise cannot_write(what, path, e) from None
+        if e.errno in _DISK_ERRNOS:
+            raise UserError(f"cannot write {failed or 'a file'}: {_reason(e)}") from None
+        raise

@@ -8,6 +8,7 @@ without W&B access; the page embeds its pictures and needs no network to open.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +40,20 @@ def load(path: str | None, overrides: list[str] = (), values: dict | None = None
 
 def run(cfg: CompareConfig) -> Path:
     from ddpm.evaluation.compare import labels_for, load_run, render
+    from ddpm.files import cannot_write, unique_suffix, writable_file
 
     cfg.validate()
+    out = writable_file(cfg.out, "the report")  # before reading the runs
     paths = list(dict.fromkeys(Path(r).resolve() for r in cfg.runs))  # a run named twice is shown once
     runs = [load_run(p, label) for p, label in zip(paths, labels_for(paths))]
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(runs))
-    tmp.replace(out)
+    page = render(runs)
+    tmp = out.with_name(f".{out.name}.{unique_suffix()}.tmp")
+    try:
+        tmp.write_text(page)
+        tmp.replace(out)  # whole or not at all: an earlier report stays as it was when the write fails
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise cannot_write("the report", out, e) from None
     print(f"report: {out} ({len(runs)} runs)")
     return out

@@ -57,9 +57,8 @@ CONFIG = EvaluateConfig
 
 def run(cfg: EvaluateConfig) -> dict:
     """Writes the JSON row (and the images beside it); returns the row with its path under "out"."""
-    from ddpm.evaluation.evaluate import Evaluator, Scoring, image_seeds, model_fingerprint
-    from ddpm.evaluation.metrics import metric_columns
-    from ddpm.files import write_json
+    from ddpm.evaluation.scores import model_step
+    from ddpm.files import writable_dir, writable_file, writing
     from ddpm.models.export import run_dir_of
 
     cfg.validate()
@@ -67,6 +66,22 @@ def run(cfg: EvaluateConfig) -> dict:
     run_dir = run_dir_of(path)
     name = f"{cfg.metric}-{path.name}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json"
     out = Path(cfg.out) if cfg.out else run_dir / "evaluation" / name
+    step = model_step(path)
+    # The outputs, before sampling: the JSON (images beside it) and, for a model of a training run, its scores.
+    if any((path / f).is_file() for f in ("model_index.json", "manifest.json")):  # else loading says what is wrong
+        writable_file(out, "the evaluation output")
+        if step is not None:
+            writable_dir(run_dir, "the run directory")
+    with writing(("the evaluation output", out.parent), ("the run directory", run_dir)):
+        return _evaluate(cfg, path, run_dir, out, step)
+
+
+def _evaluate(cfg: EvaluateConfig, path: Path, run_dir: Path, out: Path, step: int | None) -> dict:
+    from ddpm.evaluation.evaluate import Evaluator, Scoring, image_seeds, model_fingerprint
+    from ddpm.evaluation.metrics import metric_columns
+    from ddpm.evaluation.scores import append_score
+    from ddpm.files import write_json
+
     scoring = Scoring(
         metric=cfg.metric,
         reference=cfg.reference,
@@ -91,9 +106,6 @@ def run(cfg: EvaluateConfig) -> dict:
         **scores,
     }
     write_json(out, row)
-    from ddpm.evaluation.scores import append_score, model_step
-
-    step = model_step(path)
     if step is not None:  # a model of a training run: its score belongs to that run too
         append_score(run_dir, {**row, "step": step, "source": "evaluate"})
     if cfg.wandb:

@@ -75,7 +75,7 @@ def run(cfg: GenerateConfig) -> Path:
     from tqdm.auto import tqdm
 
     from ddpm.device import resolve_placement
-    from ddpm.files import write_json
+    from ddpm.files import writable_dir, write_json, writing
     from ddpm.sampling.pretrained import generate_images, load_any_pipeline, pipeline_class, set_sampler, takes_prompt
     from ddpm.sampling.sample import generate, make_grid, sampler_settings
 
@@ -86,7 +86,10 @@ def run(cfg: GenerateConfig) -> Path:
     placement = resolve_placement(cfg.device, cfg.precision)
     # DDPM pipelines run on ddpm.sampling.sample's loop as `ddpm sample` does: fp32 weights under autocast, so the same
     # seed gives the same image from either command. Other pipelines are loaded in the precision itself.
-    ddpm_loop = pipeline_class(cfg.model) == "DDPMPipeline"
+    found = pipeline_class(cfg.model)  # "" when the model cannot be read: loading says why, and no folder is made
+    ddpm_loop = found == "DDPMPipeline"
+    if found:
+        writable_dir(out, "the output folder")  # before loading the weights
     pipe = load_any_pipeline(cfg.model, "fp32" if ddpm_loop else placement.precision)
     text = takes_prompt(pipe)
     if text and not cfg.prompts:
@@ -117,49 +120,50 @@ def run(cfg: GenerateConfig) -> Path:
                 pipe, seeds, cfg.steps, cfg.batch_size, prompt, cfg.negative_prompt or None, cfg.guidance
             )
 
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
-    prompts: list[str | None] = list(cfg.prompts) if text else [None]
-    written, grid_cells = [], []
-    start = time.perf_counter()
-    with tqdm(total=len(prompts) * len(seeds), desc=f"generating with {type(pipe).__name__}", unit="img") as bar:
-        for j, prompt in enumerate(prompts):
-            for seed, image in images_of(prompt):
-                name = f"p{j}-seed-{seed:06d}.png" if text else f"seed-{seed:06d}.png"
-                image.save(out / "images" / name)
-                written.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
-                if seed - cfg.seed < GRID_COLUMNS:  # the grid shows the first seeds; the rest stay on disk only
-                    grid_cells.append(image.convert("RGB"))
-                bar.update(1)
-    seconds = time.perf_counter() - start
-    make_grid(np.stack([np.asarray(im) for im in grid_cells]), cols=min(len(seeds), GRID_COLUMNS) if text else 0).save(
-        out / "grid.png"
-    )
-    write_json(
-        out / "settings.json",
-        {
-            "model": cfg.model,
-            "pipeline_class": type(pipe).__name__,
-            "text_to_image": text,
-            "scheduler": cfg.scheduler or "pipeline default",
-            "scheduler_class": type(pipe.scheduler).__name__,
-            "sampler": sampler_settings(pipe.scheduler),
-            "steps": cfg.steps,
-            "guidance": cfg.guidance if text else None,
-            "prompts": cfg.prompts,
-            "negative_prompt": cfg.negative_prompt or None,
-            "seed": cfg.seed,
-            "num_images": cfg.num_images,
-            "batch_size": cfg.batch_size,
-            "device": str(placement.device),
-            "precision": placement.precision,
-            "torch": torch.__version__,
-            "seconds": round(seconds, 3),
-            "seconds_per_image": round(seconds / len(written), 4),
-            "grid": "grid.png",
-            "images": written,
-        },
-    )
+    with writing(("the output folder", out)):  # a disk that fills meanwhile: one line, the images so far kept
+        writable_dir(out / "images", "the output folder")
+        seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+        prompts: list[str | None] = list(cfg.prompts) if text else [None]
+        written, grid_cells = [], []
+        start = time.perf_counter()
+        with tqdm(total=len(prompts) * len(seeds), desc=f"generating with {type(pipe).__name__}", unit="img") as bar:
+            for j, prompt in enumerate(prompts):
+                for seed, image in images_of(prompt):
+                    name = f"p{j}-seed-{seed:06d}.png" if text else f"seed-{seed:06d}.png"
+                    image.save(out / "images" / name)
+                    written.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
+                    if seed - cfg.seed < GRID_COLUMNS:  # the grid shows the first seeds; the rest stay on disk only
+                        grid_cells.append(image.convert("RGB"))
+                    bar.update(1)
+        seconds = time.perf_counter() - start
+        make_grid(
+            np.stack([np.asarray(im) for im in grid_cells]), cols=min(len(seeds), GRID_COLUMNS) if text else 0
+        ).save(out / "grid.png")
+        write_json(
+            out / "settings.json",
+            {
+                "model": cfg.model,
+                "pipeline_class": type(pipe).__name__,
+                "text_to_image": text,
+                "scheduler": cfg.scheduler or "pipeline default",
+                "scheduler_class": type(pipe.scheduler).__name__,
+                "sampler": sampler_settings(pipe.scheduler),
+                "steps": cfg.steps,
+                "guidance": cfg.guidance if text else None,
+                "prompts": cfg.prompts,
+                "negative_prompt": cfg.negative_prompt or None,
+                "seed": cfg.seed,
+                "num_images": cfg.num_images,
+                "batch_size": cfg.batch_size,
+                "device": str(placement.device),
+                "precision": placement.precision,
+                "torch": torch.__version__,
+                "seconds": round(seconds, 3),
+                "seconds_per_image": round(seconds / len(written), 4),
+                "grid": "grid.png",
+                "images": written,
+            },
+        )
     log.info("wrote %d images to %s", len(written), out)
     print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}\nsettings: {out / 'settings.json'}")
     return out

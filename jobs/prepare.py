@@ -71,21 +71,24 @@ def run(cfg: PrepareConfig) -> Path | None:
     """Returns the cache or shard folder when complete, None when other tasks' parts are still missing."""
     from ddpm.data.cache import build_parts, cache_root, finish_build, plan_cache
     from ddpm.data.shard_writer import write_shards
+    from ddpm.files import writable_dir, writing
 
     part, parts = cfg.share()
     listed_after = max(cfg.listed_after, time.time() if cfg.data.refresh else 0.0)
     start = time.perf_counter()
     if cfg.format == "webdataset":
-        out = Path(cfg.out).expanduser()
-        done = write_shards(cfg.data, out, part, parts, listed_after)
+        out = writable_dir(Path(cfg.out).expanduser(), "the shard folder")  # before listing or reading the source
+        with writing(("the shard folder", out)):
+            done = write_shards(cfg.data, out, part, parts, listed_after)
         result = out
     else:
-        root = cache_root(cfg.data)
-        plan = plan_cache(cfg.data, root, listed_after)
-        done = True
-        if plan["build"]:
-            build_parts(cfg.data, root / plan["build"], part, parts)
-            done = finish_build(cfg.data, root, plan)
+        root = writable_dir(cache_root(cfg.data), "the data cache directory")
+        with writing(("the data cache directory", root)):
+            plan = plan_cache(cfg.data, root, listed_after)
+            done = True
+            if plan["build"]:
+                build_parts(cfg.data, root / plan["build"], part, parts)
+                done = finish_build(cfg.data, root, plan)
         result = root / plan["content"]
     took = time.perf_counter() - start
     if done:

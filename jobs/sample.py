@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -57,6 +58,7 @@ def run(cfg: SampleConfig) -> Path:
     import numpy as np
 
     from ddpm.device import resolve_placement
+    from ddpm.files import writable_dir, writing
     from ddpm.models.export import load_pipeline
     from ddpm.sampling.sample import (
         compile_unet,
@@ -68,28 +70,31 @@ def run(cfg: SampleConfig) -> Path:
     )
 
     cfg.validate()
+    out = cfg.out_dir
+    if any((Path(cfg.pipeline) / f).is_file() for f in ("model_index.json", "manifest.json")):
+        writable_dir(out, "the sample folder")  # before loading: a path that is not a model has no sample folder
     pipe = load_pipeline(cfg.pipeline)
     placement = resolve_placement(cfg.device, cfg.precision)
     unet = pipe.unet.to(placement.device).eval()
     sampler = make_sampler(cfg.scheduler, pipe.scheduler)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
-    out = cfg.out_dir
     model = compile_unet(unet, placement.device) if cfg.compile else unet
     batches = generate_batches(
         model, sampler, seeds, cfg.steps, cfg.batch_size, placement.device, placement.autocast_dtype, progress=True
     )
     first: list[np.ndarray] = []  # the grid's images; the rest go to disk batch by batch (50,000 images fit)
-    for chunk, images in batches:
-        write_pngs(images, chunk, out / "images")
-        first += list(images[: GRID_IMAGES - len(first)])
-    make_grid(np.stack(first)).save(out / "grid.png")
-    settings = {
-        **asdict(cfg),
-        "device": str(placement.device),
-        "precision": placement.precision,
-        "sampler": sampler_settings(sampler),
-    }
-    (out / "settings.json").write_text(json.dumps(settings, indent=1))
+    with writing(("the sample folder", out)), contextlib.closing(batches):
+        for chunk, images in batches:
+            write_pngs(images, chunk, out / "images")
+            first += list(images[: GRID_IMAGES - len(first)])
+        make_grid(np.stack(first)).save(out / "grid.png")
+        settings = {
+            **asdict(cfg),
+            "device": str(placement.device),
+            "precision": placement.precision,
+            "sampler": sampler_settings(sampler),
+        }
+        (out / "settings.json").write_text(json.dumps(settings, indent=1))
     log.info("wrote %d images and %s", len(seeds), out / "grid.png")
     print(f"images: {out / 'images'}\ngrid: {out / 'grid.png'}")
     return out

@@ -48,6 +48,14 @@ def run(cfg: SweepJobConfig, cells: list | None = None) -> dict[str, Path] | Non
 
     Shards and the merge must see the same cells: SLURM tasks get them with the job (`cells`); by hand, they
     read the plan that `--plan-only` (or a whole run) wrote for this very config."""
+    from ddpm.files import writable_dir, writing
+
+    writable_dir(cfg.sweep_dir, "the sweep directory")  # before resolving the models or sampling a cell
+    with writing(("the sweep directory", cfg.sweep_dir)):
+        return _run(cfg, cells)
+
+
+def _run(cfg: SweepJobConfig, cells: list | None) -> dict[str, Path] | None:
     if cells is None:
         if cfg.shard or cfg.merge:
             cells = read_plan(cfg)

@@ -42,21 +42,36 @@ def describe(cfg: Config) -> str:
     return f"# run directory: {cfg.run_dir}\n{dump_yaml(run_config(cfg))}"
 
 
+def _outputs(cfg: Config) -> list[tuple[str, Path]]:
+    """What the run writes to: its run directory and, unless the data streams from shards, the data cache."""
+    places = [("the run directory", cfg.run_dir)]
+    if cfg.data.source != "webdataset":
+        from ddpm.data.cache import cache_root
+
+        places.append(("the data cache directory", cache_root(cfg.data)))
+    return places
+
+
 def _train_one(cfg: Config) -> Path | None:
     """One process of the run (module level: the launcher pickles it by name)."""
+    from ddpm.files import writing
     from ddpm.training.loop import train  # heavy imports (torch, diffusers) only when the job runs
 
-    return train(cfg)
+    with writing(*_outputs(cfg)):  # a disk that fills mid-run: one line, the checkpoints written so far intact
+        return train(cfg)
 
 
 def run(cfg: Config) -> Path | None:
     """Plain and picklable: the same call runs locally, in the container and under SLURM. Starts one process
     per GPU where asked (ddpm.training.local_launch). Returns the exported pipeline, or None when the launch ended
     early with a checkpoint (train.stop_after)."""
+    from ddpm.files import writable_dir
     from ddpm.training.local_launch import launch, processes_to_start
 
     nproc, on_cpu = processes_to_start(getattr(cfg, "gpus", "auto"), getattr(cfg, "processes", 0))
     plain = run_config(cfg)
+    for what, path in _outputs(plain):  # before any process starts, loads a model or decodes data
+        writable_dir(path, what)
     if nproc > 1:
         print(f"starting {nproc} training processes on {'the CPU' if on_cpu else f'{nproc} GPUs'}", flush=True)
         path = launch(_train_one, plain, nproc, on_cpu)

@@ -141,22 +141,26 @@ def generate_batches(
         disable=not progress,
         mininterval=1.0,
     )
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
-        sampler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
-        x = randn_tensor((len(chunk), channels, res, res), generator=generators, device=device, dtype=torch.float32)
-        x = x * sampler.init_noise_sigma
-        for t in sampler.timesteps:
-            model_in = sampler.scale_model_input(x, t)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                pred = unet(model_in, t).sample
-            kwargs = {"generator": generators} if takes_generator else {}
-            x = sampler.step(pred.float(), t, x, **kwargs).prev_sample
-            bar.update(len(chunk))
-        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        yield chunk, np.repeat(images, 3, axis=-1) if channels == 1 else images  # grey models: equal channels
-    bar.close()
+    try:  # closed when the caller stops early too (a write that failed): the bar ends before the error is shown
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
+            sampler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
+            x = randn_tensor((len(chunk), channels, res, res), generator=generators, device=device, dtype=torch.float32)
+            x = x * sampler.init_noise_sigma
+            for t in sampler.timesteps:
+                model_in = sampler.scale_model_input(x, t)
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    pred = unet(model_in, t).sample
+                kwargs = {"generator": generators} if takes_generator else {}
+                x = sampler.step(pred.float(), t, x, **kwargs).prev_sample
+                bar.update(len(chunk))
+            images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            yield chunk, np.repeat(images, 3, axis=-1) if channels == 1 else images  # grey models: equal channels
+    finally:
+        bar.close()
 
 
 def generate(
