@@ -1,0 +1,82 @@
+"""What the training loop reports from the EMA weights while it trains: sample grids (main process) and
+in-training scores (every process samples a share), each a function of the step that ddpm.training.loop calls."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ddpm.config import TrainConfig
+from ddpm.evaluation.evaluate import TrainingEvaluator
+from ddpm.evaluation.metrics import METRICS
+from ddpm.evaluation.scores import append_score
+from ddpm.sampling.sample import generate, make_grid
+from ddpm.tracking import Tracker
+from ddpm.training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+def sample_grid(
+    ema: EMA,
+    unet: UNet2DModel,
+    sampler: SchedulerMixin,
+    t: TrainConfig,
+    run_dir: Path,
+    tracker: Tracker,
+    autocast_dtype: torch.dtype | None,
+    step: int,
+) -> Path:
+    """A grid from the EMA weights (copied into `unet`) with seeds 0..n-1, the same noise in every run."""
+    ema.copy_to(unet.parameters())
+    images = generate(
+        unet,
+        sampler,
+        list(range(t.sample_images)),
+        t.sample_steps,
+        batch_size=64,
+        device=unet.device,
+        autocast_dtype=autocast_dtype,
+    )
+    path = run_dir / "samples" / f"step-{step:08d}.png"
+    path.parent.mkdir(exist_ok=True)
+    make_grid(images).save(path)
+    tracker.log_image(
+        "samples",
+        path,
+        step,
+        caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}",
+    )
+    return path
+
+
+def score_ema(
+    ema: EMA,
+    unet: UNet2DModel,
+    evaluator: TrainingEvaluator,
+    sampler: SchedulerMixin,
+    t: TrainConfig,
+    run_dir: Path,
+    tracker: Tracker,
+    autocast_dtype: torch.dtype | None,
+    step: int,
+) -> None:
+    """Score the EMA weights on every process; the main process logs the score and keeps it in scores.jsonl."""
+    ema.copy_to(unet.parameters())
+    scores = evaluator(unet, sampler, t.sample_steps, t.batch_size, autocast_dtype)
+    if scores is None:
+        return
+    fd, kd = METRICS[scores["metric"]][:2]
+    tracker.log({f"eval/{fd}": scores[fd], f"eval/{kd}": scores[kd], "eval/seconds": scores["seconds"]}, step)
+    # The EMA at this step has no fingerprint of its own (the checkpoint, if any, is written after): the step and
+    # the run directory name it.
+    append_score(
+        run_dir,
+        {**scores, "step": step, "model_fingerprint": "", "scheduler": t.sample_scheduler,
+         "steps": t.sample_steps, "seed": 0, "source": "training"},
+    )  # fmt: skip
+    log.info("step %d: %s %.4g (%d images, %.1f s)", step, fd, scores[fd], scores["num_images"], scores["seconds"])
