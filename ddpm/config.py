@@ -134,6 +134,13 @@ class TrainConfig:
     eval_metric: Literal["auto", "inception", "digitsnet"] = "auto"  # auto: FID/KID when the Inception weights are
     # on this machine (cache, DDPM_INCEPTION_WEIGHTS or the image's copy), else the offline FD/KD-digitsnet
     eval_reference_images: int = 10_000  # training images in the reference statistics (a fixed random subset)
+    # When training breaks (ddpm.training.divergence; README, "When training diverges"): a loss that leaves its own
+    # level and stays there, or a collapse to predicting zero noise.
+    on_divergence: Literal["rollback", "stop", "warn"] = "rollback"  # rollback: back to the last good checkpoint,
+    # past the batches that led there, at a lower learning rate; stop: a one-line error, exit status 2; warn: log it
+    max_rollbacks: int = 3  # rollbacks in one run before on_divergence=rollback stops instead
+    rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
+    max_nonfinite_steps: int = 10  # optimizer steps in a row with NaN/inf gradients (each skipped) that stop the run
 
 
 @dataclass
@@ -264,6 +271,9 @@ def validate_config(cfg: Config) -> None:
         t.eval_every == 0 or t.eval_images >= 2,
         f"train.eval_images: FID/KID need at least 2 images, got {t.eval_images}",
     )
+    need(t.max_rollbacks >= 0, f"train.max_rollbacks must be non-negative, got {t.max_rollbacks}")
+    need(0 < t.rollback_lr_factor <= 1, f"train.rollback_lr_factor must be in (0, 1], got {t.rollback_lr_factor}")
+    need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
     need(t.eval_reference_images >= 2, f"train.eval_reference_images must be at least 2, got {t.eval_reference_images}")
     need(
         t.sample_scheduler in SAMPLER_NAMES,

@@ -7,6 +7,7 @@ the run directory, so a resumed or requeued run continues the same W&B run.
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
 import secrets
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.config import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 
 def wandb_mode() -> str:
@@ -98,6 +101,15 @@ class Tracker:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (e-mail or Slack, as the user set it up) where the run is online; the log has the line
+        already. Offline runs have no alerts, and a failing alert never stops training."""
+        if self.run is not None and getattr(self.run.settings, "mode", "") == "online":
+            try:
+                self.run.alert(title=title, text=text)
+            except Exception as e:  # the network, the W&B service: the warning in the log is what matters
+                log.warning("W&B alert %r not sent: %s", title, e)
 
     def define_best(self, keys: list[str]) -> None:
         """The run summary keeps the lowest value of these keys (not the last): the W&B project table then sorts

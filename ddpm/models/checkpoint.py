@@ -31,6 +31,7 @@ from ddpm.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LAST_GOOD = "last-good.json"  # mark_last_good
 PREFIX = "step-"
 
 
@@ -153,14 +154,49 @@ def save_checkpoint(
         full = e.errno == errno.ENOSPC or free < needed or any(t in str(e) for t in ("os error 28", "No space left"))
         reason = f"disk full: {free / 1e6:.1f} MB free, a checkpoint takes {needed / 1e6:.1f} MB" if full else str(e)
         raise UserError(f"cannot write checkpoint {final} ({reason}){kept}") from None
-    # Prune older checkpoints only: never the one just written, even when a (corrupt) newer one exists.
-    older = [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX) :]) < step]
+    # Prune older checkpoints only: never the one just written, even when a (corrupt) newer one exists, and never
+    # the last good one from before a detected divergence (mark_last_good).
+    protected = last_good_step(ckpt_dir)
+    older = [c for c in _candidates(ckpt_dir) if protected != int(c.name[len(PREFIX) :]) < step]
     for old in older[max(keep - 1, 0) :]:
         try:
             shutil.rmtree(_discard(old), ignore_errors=True)
         except OSError:  # already gone: nothing to prune
             pass
     return final
+
+
+def mark_last_good(ckpt_dir: Path, step: int, reason: str) -> None:
+    """Marks checkpoint `step` as the newest from before a detected divergence: pruning keeps it whatever
+    `keep_checkpoints` says, so a rollback, or a person, always has it. One mark: a newer one replaces it."""
+    tmp = ckpt_dir / f".{LAST_GOOD}.tmp"
+    tmp.write_text(json.dumps({"step": step, "reason": reason}, indent=1))
+    tmp.rename(ckpt_dir / LAST_GOOD)
+
+
+def last_good_step(ckpt_dir: Path) -> int | None:
+    try:
+        return int(json.loads((ckpt_dir / LAST_GOOD).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoints_after(ckpt_dir: Path, step: int) -> list[Path]:
+    """Checkpoint directories newer than `step`, newest first."""
+    return [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX) :]) > step]
+
+
+def remove_after(ckpt_dir: Path, step: int, *, keep_aside: bool) -> list[str]:
+    """Takes the checkpoints newer than `step` out of the checkpoint names, so a resume starts from `step`: renamed
+    to `diverged-step-N` with `keep_aside` (kept for a look), else deleted. Returns their names."""
+    names = []
+    for c in checkpoints_after(ckpt_dir, step):
+        names.append(c.name)
+        if keep_aside:
+            c.rename(c.with_name(f"diverged-{c.name}"))
+        else:
+            shutil.rmtree(_discard(c), ignore_errors=True)
+    return names
 
 
 def _discard(path: Path) -> Path:

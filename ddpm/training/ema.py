@@ -24,10 +24,17 @@ class EMA:
         return min(self.max_decay, 1.0 - (1.0 + max(self.steps - 1, 0)) ** -self.power)
 
     @torch.no_grad()
-    def update(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Call once per optimizer step: shadow += (1 - decay) (param - shadow)."""
+    def update(self, params: Iterable[torch.nn.Parameter], skipped: torch.Tensor | None = None) -> None:
+        """Call once per optimizer step: shadow += (1 - decay) (param - shadow). `skipped`: a device scalar, 1.0
+        when the optimizer step was skipped (non-finite gradients), which leaves the average as it is without a
+        host sync (the weight becomes 0 on the device; its warm-up counter still counts the step)."""
         self.steps += 1
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - self.decay())
+        params = [p.detach() for p in params]
+        if skipped is None:
+            torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay())
+            return
+        weight = (1.0 - skipped) * (1.0 - self.decay())
+        torch._foreach_lerp_(self.shadow, params, [weight.expand_as(p) for p in params])
 
     @torch.no_grad()
     def copy_to(self, params: Iterable[torch.nn.Parameter]) -> None:

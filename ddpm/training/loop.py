@@ -31,7 +31,9 @@ from ddpm.models.export import export_pipeline
 from ddpm.models.schedule import NoiseProcess, build_scheduler
 from ddpm.models.unet import architecture
 from ddpm.sampling.sample import make_sampler
+from ddpm.training.divergence import skip_optimizer_step
 from ddpm.training.lock import RunLock
+from ddpm.training.recovery import TrainingDiverged, Watchdog
 from ddpm.training.reports import sample_grid, score_ema
 from ddpm.training.setup import (
     build_networks,
@@ -134,6 +136,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     tracker = open_tracker(
         cfg, accelerator, step, total_steps=total, images_per_step=images_per_step, dataset_images=data.images
     )
+    # What notices a breaking run and what it did about it (ddpm.training.recovery), carried through checkpoints.
+    watchdog = Watchdog(t, ckpt_dir, state, accelerator, tracker, resumed)
     evaluator, owed = open_evaluator(cfg.data, t, accelerator, tracker, run_dir, step, bool(resumed), total)
     sampler = make_sampler(t.sample_scheduler, scheduler)
     autocast_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
@@ -141,7 +145,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     score = partial(score_ema, ema, sample_unet, evaluator, sampler, t, run_dir, tracker, autocast_dtype)
 
     def checkpoint() -> None:  # at the loop's current position
-        position = {"step": step, "epoch": epoch, "batch": batch, "batch_size": t.batch_size, "seed": cfg.seed}
+        position = {"step": step, "epoch": epoch, "batch": batch, "batch_size": t.batch_size, "seed": cfg.seed,
+                    **watchdog.state_dict()}  # fmt: skip
         save_training_state(
             ckpt_dir,
             state,
@@ -155,18 +160,10 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     if owed:
         score(step)
     loader = data.open_loader(epoch, batch)
-    loss_sum = torch.zeros((), device=device)
-    grad_norm = torch.zeros((), device=device)
+    window_first, failure = step, ""  # the step the log window began after; why the run stopped itself, if it did
     window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(
-        total=total,
-        initial=step,
-        desc=cfg.run_name,
-        unit="step",
-        disable=not is_main,
-        dynamic_ncols=True,
-        mininterval=2.0,
-    )
+    bar = tqdm(total=total, initial=step, desc=cfg.run_name, unit="step", disable=not is_main, dynamic_ncols=True,
+               mininterval=2.0)  # fmt: skip
     # On CPUs the math attention kernel beats the flash one for these short sequences (64 tokens at 8x8):
     # 36 vs 32 img/s on the tutorial UNet in bf16, measured on the 2-core development machine.
     attention = (lambda: sdpa_kernel([SDPBackend.MATH])) if device.type == "cpu" else nullcontext
@@ -185,19 +182,22 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                     pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
                     loss = F.mse_loss(pred.float(), noise.target(x0, eps, timesteps))
                     accelerator.backward(loss)
-                loss_sum += loss.detach()
+                watchdog.add_loss(loss)
 
             # Update weights: one optimizer step on the accumulated gradients. Here, after the last micro-batch,
             # accelerate counts them as synced, so its optimizer (which skips steps between syncs) steps.
+            # A NaN/inf gradient norm makes the step a no-op on the device (fused AdamW's found_inf, GradScaler's
+            # own check under fp16), with no host sync; only an optimizer that cannot skip there syncs.
             for g in optimizer.param_groups:
-                g["lr"] = o.lr * lr_factor(step, o.warmup_steps, total, o.lr_schedule)
-            if o.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
+                g["lr"] = o.lr * watchdog.recovery.lr_scale * lr_factor(step, o.warmup_steps, total, o.lr_schedule)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+            skipped = watchdog.check_step(grad_norm)
+            if accelerator.scaler is not None or skip_optimizer_step(optimizer, skipped) or not skipped.item():
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # Update EMA (only here, on real optimizer steps).
-            ema.update(unet.parameters())
+            # Update EMA (only here, on real optimizer steps; a skipped step leaves it as it is).
+            ema.update(unet.parameters(), skipped=skipped)
 
             # Update state: one more optimizer step, and the next position to read.
             step += 1
@@ -207,23 +207,27 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
             # Print status: the only host sync, every log_every steps; a stop request is counted there, on all ranks.
             if step % t.log_every == 0 or step == total:
-                mean_loss = accelerator.reduce(loss_sum, "mean").item() / (window_steps * t.grad_accum)
-                stop_votes = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item()
+                w = watchdog.read_window(stop.requested)  # the one collective: loss, gradient norm, skips, stop votes
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "loss": mean_loss,
+                    "loss": w.loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
                     "images_per_sec": window_steps * images_per_step / elapsed,
                     "epoch": step / steps_per_epoch,
+                    "skipped_steps": w.skipped_steps,
                 }
                 tracker.log(metrics, step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
-                loss_sum.zero_()
+                bar.set_postfix(loss=f"{w.loss:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
+                failure = watchdog.judge(window_first, step, w, checkpoint)
+                window_first = step
+                if failure:
+                    stopped_early = True
+                    break
                 if is_main:
                     lock.refresh()
-                if stop_votes > 0:
+                if w.stop_votes > 0:
                     stopped_early = signalled = True
                     if is_main:
                         log.warning(
@@ -273,6 +277,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if failure:
+        raise TrainingDiverged(failure)
     if signalled:
         raise RunStopped(
             f"stopped at step {step} of {total} on request ({stop.signal_name or 'signal on another rank'}); "

@@ -13,6 +13,7 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.models.checkpoint import latest_checkpoint, load_plain, save_checkpoint
+from ddpm.training.divergence import all_finite
 from ddpm.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,13 @@ def save_training_state(
     world: int,
     barrier: Callable[[], None],
 ) -> Path | None:
-    """A collective checkpoint of the whole training state at `position` (step, epoch, batch, batch_size, seed)."""
+    """A collective checkpoint of the whole training state at `position` (step, epoch, batch, batch_size, seed, and
+    the plain numbers the loop keeps: the learning-rate scale, rollbacks, the divergence detector's history).
+    Weights or EMA that hold a NaN or inf are refused in one line: no checkpoint ever holds one."""
+    if not all_finite([*s.unet.parameters(), *s.ema.shadow]):
+        newest = latest_checkpoint(ckpt_dir)
+        kept = f"; the newest good checkpoint is {newest.path}" if newest else ""
+        raise UserError(f"step {position['step']}: the weights or their EMA are not finite, not checkpointed{kept}")
     device_type = next(s.unet.parameters()).device.type
     state = {
         **position,
@@ -116,4 +123,4 @@ def restore_training_state(
     step, epoch, batch = latest.step, latest.state["epoch"], latest.state["batch"]
     if latest.state["batch_size"] * latest.state["world_size"] != batch_size * world:
         epoch, batch = epoch + (batch > 0), 0
-    return {"step": step, "epoch": epoch, "batch": batch, "path": latest.path}
+    return {"step": step, "epoch": epoch, "batch": batch, "path": latest.path, "state": latest.state}
