@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -111,12 +114,48 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; each in-process training run starts clean."""
-    yield
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ddpm <args>` in this process (jobs.cli.main), answered like `run_cli`: exit status, stdout, and stderr with
+    the job's log lines as the console script writes them, without a child's seconds of imports. For what a job
+    prints and its exit status; a claim about a real process (a signal, a kill, two processes) uses run_cli."""
+    from jobs.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root, saved_env, umask = logging.getLogger(), dict(os.environ), os.umask(0)
+    os.umask(umask)
+    os.environ.update(env or {})
+    handler = logging.StreamHandler(err)  # where the console script's logging.basicConfig sends its lines
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    level = root.level
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.addHandler(handler)
+    try:
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.umask(umask)  # the job tightens it for its own files, as its process would
+        _reset_accelerate_state()  # a fresh process starts without accelerate's singletons
+    return subprocess.CompletedProcess(["ddpm", *args], code, out.getvalue(), err.getvalue())
+
+
+def _reset_accelerate_state() -> None:
     if "accelerate" in sys.modules:
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process training run starts clean."""
+    yield
+    _reset_accelerate_state()

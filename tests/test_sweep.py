@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from ddpm.device import auto_precision
 from ddpm.evaluation.sweep import load_sweep_config
 from ddpm.models.export import pipeline_from_checkpoint
 from jobs import sweep as sweep_job
-from tests.conftest import ROOT, copy_of_tiny_run, run_cli
+from tests.conftest import cli, copy_of_tiny_run, run_cli
 
 
 @pytest.fixture
@@ -148,14 +146,12 @@ def test_two_shards_merged_equal_the_unsharded_sweep(sweep_file, tmp_path):
 
 def test_merge_names_the_cells_still_missing(sweep_file):
     config = sweep_file("partial")
-    assert run_cli("sweep", "--config", str(config), "--plan-only").returncode == 0
+    assert cli("sweep", "--config", str(config), "--plan-only").returncode == 0
     assert (
-        run_cli(
-            "sweep", "--config", str(config), "--shard", "0/2", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]}
-        ).returncode
+        cli("sweep", "--config", str(config), "--shard", "0/2", env={"DDPM_CACHE": os.environ["DDPM_CACHE"]}).returncode
         == 0
     )
-    r = run_cli("sweep", "--config", str(config), "--merge")
+    r = cli("sweep", "--config", str(config), "--merge")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("ddpm sweep: error: 2 of 4 cells are not done yet") and "ddim-4steps-seed0" in error
@@ -186,7 +182,7 @@ def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file, tmp_path
     ],
 )
 def test_bad_sweep_configs_fail_in_one_line(sweep_file, change, message):
-    r = run_cli("sweep", "--config", str(sweep_file("bad", **change)))
+    r = cli("sweep", "--config", str(sweep_file("bad", **change)))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert (
         r.stderr.strip().splitlines()[-1].startswith("ddpm sweep: error: ")
@@ -269,7 +265,7 @@ def test_a_text_to_image_model_without_prompts_is_refused(tmp_path):
     (tmp_path / "s.yaml").write_text(
         yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "metric": "none", "out_dir": str(tmp_path)})
     )
-    r = run_cli("sweep", "--config", str(tmp_path / "s.yaml"))
+    r = cli("sweep", "--config", str(tmp_path / "s.yaml"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "ddpm sweep: error: models: sd/pipeline is a text-to-image pipeline; give prompts: [...] in the sweep config"
@@ -277,7 +273,7 @@ def test_a_text_to_image_model_without_prompts_is_refused(tmp_path):
     (tmp_path / "s.yaml").write_text(
         yaml.safe_dump({"models": [{"pipeline": str(pipe)}], "prompts": ["x"], "out_dir": str(tmp_path)})
     )
-    r = run_cli("sweep", "--config", str(tmp_path / "s.yaml"))
+    r = cli("sweep", "--config", str(tmp_path / "s.yaml"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "ddpm sweep: error: models: sd/pipeline has no training run to compare with; "
         "give reference: (digits, folder:PATH, "
@@ -315,13 +311,7 @@ def test_nightly_sweeps_score_only_new_checkpoints_and_plot_quality_across_night
     assert len(new_cells(night[1])) == 2
     sweep_job.run(night[1])
     assert new_cells(night[2]) == []  # no new checkpoint: nothing to score
-    r = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "nightly", "submit", "--cluster", "local", "--runs", str(nightly)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    r = cli("nightly", "submit", "--cluster", "local", "--runs", str(nightly))
     assert r.returncode == 0 and "nothing new to score (no new checkpoint)" in r.stdout, r.stdout + r.stderr
 
     train(load_config(None, tiny_overrides(run.parent, shared_cache, "train.max_steps=9")))  # a new checkpoint, 9
