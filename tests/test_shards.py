@@ -18,7 +18,7 @@ from ddpm.data.shard_writer import write_shards
 from ddpm.data.shards import ShardLoader, ShardOrder, open_shards
 from ddpm.errors import UserError
 from ddpm.training.loop import train
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 
 def make_images(folder, count: int, seed: int = 0):
@@ -165,7 +165,7 @@ def test_prepare_builds_the_cache_that_training_opens_without_decoding(tmp_path,
         "  shard_size: 5\nmodel:\n  layers_per_block: 1\noptim:\n  lr: 1.0e-3\n"
     )
     for part in ("1/2", "0/2"):
-        r = run_cli("prepare", "--config", str(config), "--part", part)
+        r = cli("prepare", "--config", str(config), "--part", part)
         assert r.returncode == 0, r.stderr
     assert "prepared: " in r.stdout
     content = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -180,10 +180,10 @@ def test_prepare_builds_the_cache_that_training_opens_without_decoding(tmp_path,
 
 
 def test_prepare_refuses_bad_options_in_one_line(tmp_path):
-    r = run_cli("prepare", "--format", "webdataset")
+    r = cli("prepare", "--format", "webdataset")
     assert r.returncode == 2 and "--out is required with --format webdataset" in r.stderr
-    r = run_cli("prepare", "--part", "2/2")
+    r = cli("prepare", "--part", "2/2")
     assert r.returncode == 2 and "--part '2/2'" in r.stderr
-    r = run_cli("prepare", "data.source=folder", f"data.path={tmp_path / 'missing'}")
+    r = cli("prepare", "data.source=folder", f"data.path={tmp_path / 'missing'}")
     assert r.returncode == 2 and f"folder {tmp_path / 'missing'} does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
