@@ -15,7 +15,7 @@ from ddpm.models.schedule import build_scheduler
 from ddpm.models.unet import build_unet
 from ddpm.sampling.sample import SAMPLERS, generate, make_grid, make_sampler
 from jobs.sample import SampleConfig, run
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, cli
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_sample_job_is_deterministic_and_writes_pngs_grid_and_settings(tiny_pipe
 
 
 def test_sample_cli(tiny_pipeline, tmp_path):
-    proc = run_cli(
+    proc = cli(
         "sample",
         "--pipeline",
         str(tiny_pipeline),
@@ -112,7 +112,7 @@ def test_sample_cli(tiny_pipeline, tmp_path):
 )
 def test_sample_cli_errors_are_one_line(tiny_pipeline, args, message):
     argv = ["sample", *([] if "--pipeline" in args else ["--pipeline", str(tiny_pipeline)]), *args]
-    proc = run_cli(*argv)
+    proc = cli(*argv)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
