@@ -134,28 +134,19 @@ def test_nightly_file_becomes_a_dated_sweep_over_the_newest_checkpoints(tmp_path
 
 
 def test_nightly_install_without_scrontab_prints_the_crontab_line(tmp_path):
-    import os
-    import subprocess
     import sys
 
+    from tests.conftest import cli
+
     (tmp_path / "nightly.yaml").write_text("runs: [runs/a]\nschedule: '30 3 * * *'\n")
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no scrontab on this PATH
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.cli",
-            "nightly",
-            "install",
-            "--cluster",
-            "local",
-            "--runs",
-            str(tmp_path / "nightly.yaml"),
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        env=env,
+    r = cli(
+        "nightly",
+        "install",
+        "--cluster",
+        "local",
+        "--runs",
+        str(tmp_path / "nightly.yaml"),
+        env={"PATH": str(Path(sys.executable).parent)},  # no scrontab on this PATH
     )
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
