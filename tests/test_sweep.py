@@ -201,7 +201,7 @@ def test_shipped_sweep_configs_load(name):
     assert cfg.name == path.stem and cfg.models
 
 
-def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_path):
+def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_path, monkeypatch):
     """A text-to-image pipeline named by Hub id, served from a pre-filled Hugging Face cache (offline), swept over
     prompts x guidance scales; a local unconditional pipeline in the same sweep gets no prompt cells."""
     from tests import tiny_pipelines
@@ -231,8 +231,13 @@ def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_pa
         "tracking": {"wandb": False},
     }
     (tmp_path / "t2i.yaml").write_text(yaml.safe_dump(spec))
-    env = {"HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
-    r = run_cli("sweep", "--config", str(tmp_path / "t2i.yaml"), env=env)
+    # HF_HUB_CACHE=tmp_path/hf/hub HF_HUB_OFFLINE=1 (tests run offline): huggingface_hub reads the variable when it
+    # is imported, so in this process the same setting is its constant
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    r = cli("sweep", "--config", str(tmp_path / "t2i.yaml"))
     assert r.returncode == 0, r.stderr
     cfg = load_sweep_config(tmp_path / "t2i.yaml")
     files = {k: cfg.sweep_dir / f for k, f in (("json", "results.json"), ("csv", "results.csv"), ("plot", "plot.png"))}
@@ -254,7 +259,7 @@ def test_text_to_image_sweep_over_prompts_and_guidance_from_the_hub_cache(tmp_pa
     assert header[:8] == ["cell", "model", "checkpoint_step", "scheduler", "steps", "seed", "prompt", "guidance"]
     assert files["plot"].is_file()
     # a rerun skips every cell
-    r = run_cli("sweep", "--config", str(tmp_path / "t2i.yaml"), env=env)
+    r = cli("sweep", "--config", str(tmp_path / "t2i.yaml"))
     assert r.returncode == 0 and "5 of 5 cells already done" in r.stderr
 
 
