@@ -21,7 +21,7 @@ from ddpm.data.cache import ImageCache
 from ddpm.errors import UserError
 from ddpm.training.loop import lr_factor, train
 from tests import wandb_files
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli
 
 
 def run_tiny(overrides: list[str]):
@@ -194,7 +194,7 @@ def test_a_run_directory_held_by_a_live_process_is_refused(tiny):
         (cfg.run_dir / "lock.json").write_text(
             json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "earlier"})
         )
-        proc = run_cli("train", *tiny(name="held"))
+        proc = cli("train", *tiny(name="held"))  # this process; the lock's holder is another live one
         assert proc.returncode == 2
         error_lines = [line for line in proc.stderr.splitlines() if "error" in line]
         assert len(error_lines) == 1 and f"pid {holder.pid} on {socket.gethostname()}" in error_lines[0]
