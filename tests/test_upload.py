@@ -1,5 +1,6 @@
 """`ddpm upload`: the folder check, the staged commit and the card for real; the Hub calls against a local server
-(tests/hub_server.py) through HF_ENDPOINT, as huggingface_hub makes them."""
+(tests/hub_server.py) through HF_ENDPOINT, as huggingface_hub makes them: in a child process, since huggingface_hub
+reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is imported."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 
 from ddpm.config import DEFAULT_SAMPLER
 from jobs.cli import main
-from tests.conftest import copy_of_tiny_run, report, run_cli
+from tests.conftest import cli, copy_of_tiny_run, report, run_cli
 from tests.hub_server import PUBLIC, HubServer
 
 TOKEN = "hf_secret_value_1234567890"
@@ -50,7 +51,7 @@ def hub_env(hub: HubServer, tmp_path: Path, token: str | None = TOKEN) -> dict:
 
 
 def test_dry_run_lists_the_commit_and_prints_a_model_card(pipeline):
-    r = run_cli(
+    r = cli(
         "upload", "--pipeline", str(pipeline), "--repo-id", "someone/tiny-digits", "--dry-run", env={"HF_TOKEN": TOKEN}
     )
     assert r.returncode == 0, r.stderr
@@ -276,13 +277,13 @@ def test_model_card_carries_the_published_weights_scores_as_model_index(tiny_run
     run = copy_of_tiny_run(tiny_run, tmp_path)
     env = {"DDPM_CACHE": str(shared_cache / "ddpm")}
     for model in ("pipeline", "checkpoints/step-00000003"):  # the published weights (step 6), and a checkpoint
-        r = run_cli(
+        r = cli(
             "evaluate", "--pipeline", str(run / model), "--metric", "digitsnet", "--num-images", "8", "--steps", "2",
             "--no-wandb", env=env,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
     scores = {json.loads(line)["step"]: json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()}
-    r = run_cli("upload", "--pipeline", str(run / "pipeline"), "--repo-id", "someone/tiny", "--dry-run")
+    r = cli("upload", "--pipeline", str(run / "pipeline"), "--repo-id", "someone/tiny", "--dry-run")
     assert r.returncode == 0, r.stderr
     card = r.stdout.split("--- README.md ---\n", 1)[1]
     [entry] = yaml.safe_load(card.split("---\n")[1])["model-index"]
