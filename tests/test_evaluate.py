@@ -19,7 +19,7 @@ from ddpm.evaluation.inception import WEIGHTS_FILE, InceptionFeatures, inception
 from ddpm.evaluation.metrics import digits_feature_net, distances, frechet_distance, kernel_distance
 from ddpm.models.schedule import build_scheduler
 from ddpm.models.unet import build_unet
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, cli
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
@@ -93,14 +93,14 @@ def test_evaluate_gives_the_same_figures_twice_and_caches_the_reference(random_p
         "300",
         "--no-wandb",
     ]
-    first = run_cli(*args, "--out", str(tmp_path / "a.json"), env=env)
+    first = cli(*args, "--out", str(tmp_path / "a.json"), env=env)
     assert first.returncode == 0, first.stderr
     assert "fd_digitsnet:" in first.stdout and "vs 300 reference images (digits at 8px)" in first.stdout
     assert "fd_digitsnet_floor:" in first.stdout  # what 16 real images would score, printed beside the score
     cached = list((tmp_path / "cache" / "reference-features").glob("digitsnet-*-300.npy"))
     assert len(cached) == 1 and np.load(cached[0]).shape == (300, 64)
     mtime = cached[0].stat().st_mtime_ns
-    second = run_cli(*args, "--out", str(tmp_path / "b.json"), env=env)
+    second = cli(*args, "--out", str(tmp_path / "b.json"), env=env)
     assert second.returncode == 0, second.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["fd_digitsnet"] > a["fd_digitsnet_floor"] > 0  # an untrained model is far above real images
@@ -120,7 +120,7 @@ def test_fid_without_weights_names_the_file_it_needs(random_pipeline, tmp_path):
         "DDPM_CACHE": str(tmp_path / "cache"),
         "DDPM_INCEPTION_URL": f"http://127.0.0.1:{_closed_port()}/{WEIGHTS_FILE}",
     }
-    r = run_cli(
+    r = cli(
         "evaluate",
         "--pipeline",
         str(random_pipeline),
@@ -139,7 +139,7 @@ def test_fid_without_weights_names_the_file_it_needs(random_pipeline, tmp_path):
 
     wrong = tmp_path / WEIGHTS_FILE
     wrong.write_bytes(b"not the weights")
-    r = run_cli(
+    r = cli(
         "evaluate",
         "--pipeline",
         str(random_pipeline),
