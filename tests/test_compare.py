@@ -17,7 +17,7 @@ from PIL import Image
 from ddpm.config import load_config
 from ddpm.evaluation.compare import CURVES, Run, common_measurement, figures, labels_for, load_run, render
 from ddpm.training.loop import train
-from tests.conftest import ROOT, run_cli, tiny_overrides
+from tests.conftest import ROOT, cli, tiny_overrides
 
 EVAL = ["train.eval_every=3", "train.eval_images=8", "train.eval_metric=digitsnet", "train.sample_every=3"]
 
@@ -53,7 +53,7 @@ def _decoded(src: str) -> Image.Image:
 
 def test_report_shows_curves_grids_best_scores_and_the_differing_keys(two_runs, tmp_path):
     out = tmp_path / "report.html"
-    r = run_cli("compare", *map(str, two_runs), "--out", str(out))
+    r = cli("compare", *map(str, two_runs), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     page = out.read_text()
     parser = Images()
@@ -120,7 +120,7 @@ def test_a_long_quality_title_is_wrapped_to_its_axes(tmp_path, reference):
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
-    r = run_cli("compare", str(tmp_path), "--out", str(tmp_path / "r.html"))
+    r = cli("compare", str(tmp_path), "--out", str(tmp_path / "r.html"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"ddpm compare: error: {tmp_path} is not a run directory (no config.yaml; ddpm train writes one at its start)"
@@ -135,7 +135,7 @@ def test_report_opens_in_headless_chromium_with_every_picture_decoded(two_runs, 
             pytest.fail("chromium is missing: make browser installs it")
         pytest.skip("chromium is not installed (make browser)")
     out = tmp_path / "report.html"
-    assert run_cli("compare", *map(str, two_runs), "--out", str(out)).returncode == 0
+    assert cli("compare", *map(str, two_runs), "--out", str(out)).returncode == 0
     # A copy of the page that, once loaded, writes what the browser made of each picture into its title.
     probe = out.read_text().replace(
         "</body>",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.environment import driver_verdict
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,7 @@ def test_the_driver_verdict_names_the_fix(driver, cuda, status, fragment):
 
 def test_doctor_prints_every_check_and_never_the_token(tmp_path):
     secret = "hf_" + "Zx9" * 12
+    # a child process: huggingface_hub reads HF_HOME when it is imported
     r = run_cli("doctor", env={"HF_TOKEN": secret, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr
     names = [line.split()[1] for line in r.stdout.splitlines()]
@@ -53,7 +54,7 @@ def test_doctor_prints_every_check_and_never_the_token(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without GPUs")
 def test_expected_gpus_that_are_missing_fail_in_one_line():
-    r = run_cli("doctor", "--expect-gpus", "2")
+    r = cli("doctor", "--expect-gpus", "2")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("ddpm doctor: error: 1 check(s) failed: GPUs: 2 GPU(s) asked")
     assert "fail  GPUs" in r.stdout

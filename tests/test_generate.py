@@ -11,7 +11,7 @@ from PIL import Image
 
 from jobs.cli import main
 from tests import tiny_pipelines
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 
 POTATO = "an abstract oil painting of sks mr potato head by picasso"
 
@@ -32,7 +32,7 @@ def pixels(path: Path) -> np.ndarray:
 
 def test_text_to_image_from_a_local_directory(text_pipeline, tmp_path):
     out = tmp_path / "gen"
-    r = run_cli(
+    r = cli(
         "generate",
         "--model",
         str(text_pipeline),

@@ -6,7 +6,7 @@ import pytest
 
 from ddpm.errors import ConfigError
 from jobs.grid import expand, split_values
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 
 def test_commas_inside_brackets_belong_to_one_value():
@@ -45,7 +45,7 @@ def test_bad_axes_are_refused(override, message):
 
 def test_dry_run_lists_every_run_of_the_grid_and_a_bad_value_fails_in_one_line(tmp_path):
     args = ["submit", "train", "--cluster", "local", "--dry-run", f"runs_dir={tmp_path}", "name=g"]
-    r = run_cli(*args, "optim.lr=1e-4,4e-4", "train.batch_size=16,32")
+    r = cli(*args, "optim.lr=1e-4,4e-4", "train.batch_size=16,32")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         f"g_lr-{lr}_batch_size-{b}: runs_dir={tmp_path} name=g optim.lr={lr} train.batch_size={b}"
@@ -53,6 +53,6 @@ def test_dry_run_lists_every_run_of_the_grid_and_a_bad_value_fails_in_one_line(t
         for b in (16, 32)
     ]
     assert not list(tmp_path.iterdir())  # nothing submitted, nothing written
-    r = run_cli(*args, "optim.lr=1e-4,fast")
+    r = cli(*args, "optim.lr=1e-4,fast")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["ddpm submit train: error: optim.lr: expected a number, got 'fast'"]
