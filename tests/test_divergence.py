@@ -145,3 +145,159 @@ def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
         "diverged-step-00000500",
         "step-00000100",
     ]
+
+
+# --------------------------------------------------------------------------------------
+# The run's own reaction: real tiny runs with a fault injected into the loss (tests/poisoned_training.py).
+
+
+def poison(monkeypatch, kind: str, first: int, end: int) -> None:
+    import torch.nn.functional as F
+
+    from tests.poisoned_training import poisoned
+
+    monkeypatch.setattr(F, "mse_loss", poisoned(kind, first, end))
+
+
+def train_cli(overrides: list[str], capsys) -> tuple[int, list[str]]:
+    from jobs.cli import main
+
+    code = main(["train", *overrides])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ddpm train")]
+    return code, err
+
+
+def checkpoint(run_dir: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    path = run_dir / "checkpoints" / f"step-{step:08d}"
+    state = torch.load(path / "optimizer.pt", weights_only=True)["state"]
+    moments = {f"{k}.{m}": v[m] for k, v in state.items() for m in ("exp_avg", "exp_avg_sq", "step")}
+    return {"unet": load_file(path / "unet.safetensors"), "ema": load_file(path / "ema.safetensors"), "adam": moments}
+
+
+def every_tensor_finite(run_dir: Path) -> bool:
+    from safetensors.torch import load_file
+
+    files = [*run_dir.glob("checkpoints/step-*/*.safetensors"), *run_dir.glob("pipeline/unet/*.safetensors")]
+    return bool(files) and all(torch.isfinite(t).all() for f in files for t in load_file(f).values())
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_nan_steps_are_skipped_leaving_weights_ema_and_optimizer_as_they_were(tiny, monkeypatch, capsys):
+    from ddpm.config import load_config
+
+    overrides = tiny("train.max_steps=10", "train.checkpoint_every=1", "train.keep_checkpoints=20")
+    poison(monkeypatch, "nan", 3, 5)  # optimizer steps 4 and 5, in the log windows 3-4 and 5-6
+    code, err = train_cli(overrides, capsys)
+    run_dir = load_config(None, overrides).run_dir
+    assert code == 0 and not err
+    before, after = checkpoint(run_dir, 3), checkpoint(run_dir, 5)
+    for part in before:
+        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+    assert not torch.equal(checkpoint(run_dir, 6)["unet"]["conv_in.weight"], after["unet"]["conv_in.weight"])
+    assert [r["skipped_steps"] for r in rows(run_dir)] == [0, 1, 2, 2, 2]
+    assert all(r["loss"] == r["loss"] for r in rows(run_dir))  # each window's mean leaves its NaN out
+    assert every_tensor_finite(run_dir) and (run_dir / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_run_of_nan_steps_stops_with_the_last_good_weights_checkpointed(tiny, monkeypatch, capsys):
+    from ddpm.config import load_config
+
+    overrides = tiny("train.max_steps=30", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+                     "train.max_nonfinite_steps=3")  # fmt: skip
+    poison(monkeypatch, "nan", 4, 1000)  # from optimizer step 5 on
+    code, err = train_cli(overrides, capsys)
+    run_dir = load_config(None, overrides).run_dir
+    assert code == 2 and len(err) == 1, err
+    assert "step 8: 4 optimizer steps in a row had NaN/inf gradients" in err[0]
+    good, last = checkpoint(run_dir, 4), checkpoint(run_dir, 8)
+    assert all(torch.equal(good["unet"][k], last["unet"][k]) for k in good["unet"])
+    assert every_tensor_finite(run_dir) and not (run_dir / "pipeline").exists()
+
+
+def test_a_collapse_is_detected_and_rolled_back_to_the_last_good_checkpoint(tiny, monkeypatch, capsys, caplog):
+    from ddpm.config import load_config
+
+    overrides = tiny("train.max_steps=80", "train.log_every=5", "train.checkpoint_every=10", "train.keep_checkpoints=2")
+    poison(monkeypatch, "collapse", 40, 55)  # optimizer steps 41-55 predict zero noise
+    with caplog.at_level("WARNING"):
+        code, err = train_cli(overrides, capsys)
+    run_dir = load_config(None, overrides).run_dir
+    assert code == 0 and not err
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "loss spike by step 45" in said
+    assert "step 55: the loss has stayed above 2x its level for 3 log windows" in said
+    assert "rollback 1 of 3 to the weights of step 40" in said and "learning rate x0.5" in said
+    assert json.loads((run_dir / "checkpoints" / "last-good.json").read_text())["step"] == 40
+    final = json.loads((run_dir / "checkpoints" / "step-00000080" / "state.json").read_text())
+    assert (final["rollbacks"], final["lr_scale"]) == (1, 0.5)
+    by_step = {r["step"]: r for r in rows(run_dir)}
+    cfg = load_config(None, overrides)
+    from ddpm.training.loop import lr_factor
+
+    assert by_step[60]["lr"] == pytest.approx(0.5 * cfg.optim.lr * lr_factor(59, 2, 80, "cosine"))
+    assert by_step[75]["loss"] < 0.6  # trained on after the rollback
+    # pruning kept step 40, the last good one, beside the newest two
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [
+        "step-00000040",
+        "step-00000070",
+        "step-00000080",
+    ]
+    assert every_tensor_finite(run_dir)
+
+
+@pytest.mark.parametrize("mode", ["stop", "rollback"])
+def test_a_collapse_that_stays_stops_with_one_line_and_a_failing_exit(tiny, monkeypatch, capsys, mode):
+    """stop at once, or rollback until train.max_rollbacks is spent: exit status 2 (a SLURM job chained with
+    afterok does not start), no export, the diverged checkpoints set aside and the last good one kept."""
+    from ddpm.config import load_config
+
+    overrides = tiny(f"train.on_divergence={mode}", "train.max_rollbacks=1", "train.max_steps=100",
+                     "train.log_every=5", "train.checkpoint_every=10")  # fmt: skip
+    poison(monkeypatch, "collapse", 40, 10_000)
+    code, err = train_cli(overrides, capsys)
+    run_dir = load_config(None, overrides).run_dir
+    assert code == 2 and len(err) == 1, err
+    assert "training diverged" in err[0] and f"train.on_divergence={mode}" in err[0]
+    assert f"{int(mode == 'rollback')} rollbacks" in err[0] and "step-00000040" in err[0]
+    assert not (run_dir / "pipeline").exists()
+    kept = sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
+    aside = sorted(int(p.name.removeprefix("diverged-step-")) for p in (run_dir / "checkpoints").glob("diverged-*"))
+    assert kept[-1] == 40 and aside and aside[0] > 40  # a rerun resumes from step 40
+
+
+def test_warn_only_names_the_divergence_and_trains_on(tiny, monkeypatch, capsys, caplog):
+    from ddpm.config import load_config
+
+    overrides = tiny("train.on_divergence=warn", "train.max_steps=70", "train.log_every=5",
+                     "train.checkpoint_every=10")  # fmt: skip
+    poison(monkeypatch, "collapse", 40, 60)
+    with caplog.at_level("WARNING"):
+        code, _ = train_cli(overrides, capsys)
+    assert code == 0 and "(warn only)" in caplog.text
+    assert (load_config(None, overrides).run_dir / "pipeline" / "model_index.json").is_file()
+
+
+def test_two_processes_decide_together_when_one_sees_nan(tiny, tmp_path):
+    """A NaN on rank 1 alone: the all-reduced gradients carry it to rank 0, both skip, and both stop at the same
+    log step with the same error instead of one waiting forever in a collective."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = tiny("train.max_steps=30", "train.max_nonfinite_steps=3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "POISON": "nan", "POISON_STEPS": "4:1000",
+           "POISON_RANK": "1"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tests" / "poisoned_training.py"), "train", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ddpm train: error:")]
+    assert len(lines) == 2 and len(set(lines)) == 1, proc.stderr[-3000:]
+    assert "step 8: 4 optimizer steps in a row had NaN/inf gradients" in lines[0]

@@ -59,6 +59,8 @@ class DivergenceDetector:
 
     def update(self, window_start: int, step: int, loss: float, grad_norm: float) -> Verdict:
         """`window_start`: the step the window began after; `loss`: its mean loss; `grad_norm`: its largest."""
+        if loss != loss:  # no finite loss in the window (every step skipped): nothing to judge, the guard counts it
+            return Verdict(suspect_from=self.suspect_from)
         verdict = Verdict()
         self.seen += 1
         warm = self.seen > WARMUP_WINDOWS and len(self.losses) >= WARMUP_WINDOWS
