@@ -30,7 +30,7 @@ from ddpm.config import Config, load_config
 from ddpm.errors import ConfigError
 from ddpm.models.checkpoint import verified_checkpoints, verify
 from ddpm.training.loop import train
-from tests.conftest import ROOT, report, run_cli
+from tests.conftest import ROOT, cli, report, run_cli
 
 
 def weights(run_dir: Path, step: int) -> tuple[dict, dict]:
@@ -307,14 +307,14 @@ def test_a_thousand_files_with_five_percent_bad_strict_names_the_first_skip_repo
     bad, usable = _image_folder(tmp_path / "photos")
     assert len(bad) == 50
     data = ["data.source=folder", f"data.path={tmp_path / 'photos'}", f"data.cache_dir={tmp_path / 'cache'}"]
-    r = run_cli("train", *tiny(*data, "train.max_steps=2", name="strict"))
+    r = cli("train", *tiny(*data, "train.max_steps=2", name="strict"))
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ddpm train: error: ") and bad[0] in last and "data.on_bad_image=skip" in last
     assert not any(name in last for name in bad[1:])
 
     start = time.time()
-    r = run_cli("train", *tiny(*data, "data.on_bad_image=skip", "train.max_steps=2", name="skip"))
+    r = cli("train", *tiny(*data, "data.on_bad_image=skip", "train.max_steps=2", name="skip"))
     assert r.returncode == 0, r.stderr[-2000:]
     skipped = json.loads((tmp_path / "runs" / "skip" / "skipped_images.json").read_text())
     assert skipped["count"] == 50 and sorted(Path(s.split(":")[0]).name for s in skipped["images"]) == bad
@@ -367,10 +367,10 @@ def test_tokens_appear_in_no_file_or_output_a_run_writes(tiny, tmp_path):
 
     hf, wb = "hf_" + secrets.token_hex(15), secrets.token_hex(20)  # token-shaped values, new each run
     env = {"HF_TOKEN": hf, "WANDB_API_KEY": wb, "WANDB_MODE": "offline"}
-    r = run_cli("train", *tiny("tracking.wandb=true", name="secret"), env=env)
+    r = cli("train", *tiny("tracking.wandb=true", name="secret"), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "secret"
-    up = run_cli("upload", "--pipeline", str(run_dir / "pipeline"), "--repo-id", "me/secret", "--dry-run", env=env)
+    up = cli("upload", "--pipeline", str(run_dir / "pipeline"), "--repo-id", "me/secret", "--dry-run", env=env)
     assert up.returncode == 0, up.stderr[-2000:]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "config.yaml" for p in files)
@@ -404,7 +404,7 @@ def test_a_checkpoint_file_that_smuggles_code_is_refused_not_run(tiny, tmp_path)
         "sha256": sha256_file(ckpt / "optimizer.pt"),
     }
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    r = run_cli("train", *tiny("train.max_steps=6", "train.checkpoint_every=3", name="pickled"))
+    r = cli("train", *tiny("train.max_steps=6", "train.checkpoint_every=3", name="pickled"))
     assert r.returncode == 2 and not marker.exists()
     assert (
         "optimizer.pt holds more than tensors and plain data; refusing to unpickle it"
@@ -428,14 +428,11 @@ def test_source_never_unpickles_untrusted_data():
 
 
 def test_nothing_a_run_writes_is_writable_by_other_users_whatever_the_umask(tiny, tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "train", *tiny(name="perms")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        preexec_fn=lambda: os.umask(0o000),
-        timeout=600,
-    )
+    started_with = os.umask(0o000)  # the job starts under a umask that lets anyone write
+    try:
+        r = cli("train", *tiny(name="perms"))
+    finally:
+        os.umask(started_with)
     assert r.returncode == 0, r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "perms"
     paths = [run_dir, *run_dir.rglob("*")]
