@@ -301,3 +301,32 @@ def test_two_processes_decide_together_when_one_sees_nan(tiny, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ddpm train: error:")]
     assert len(lines) == 2 and len(set(lines)) == 1, proc.stderr[-3000:]
     assert "step 8: 4 optimizer steps in a row had NaN/inf gradients" in lines[0]
+
+
+def test_an_in_training_score_far_worse_than_the_runs_best_is_a_warning(tmp_path, caplog):
+    """The second alarm: scores.jsonl holds the run's earlier in-training scores; a new one over EVAL_ALARM x the
+    best is named beside it, one within it is not."""
+    from ddpm.config import TrainConfig
+    from ddpm.evaluation.scores import append_score
+    from ddpm.training.reports import EVAL_ALARM, score_ema
+
+    class Tracker:
+        def log(self, metrics, step): ...
+
+        def alert(self, title, text): self.alerted = text  # fmt: skip
+
+    net = torch.nn.Linear(2, 2)
+    base = {"metric": "digitsnet", "kd_digitsnet": 1.0, "seconds": 1.0, "num_images": 16, "model_fingerprint": "",
+            "scheduler": "ddim", "steps": 2, "seed": 0, "source": "training", "reference_data": "digits at 8px",
+            "reference_images": 64, "precision": "fp32"}  # fmt: skip
+    append_score(tmp_path, {**base, "step": 100, "fd_digitsnet": 4.0})
+    for step, fd in ((200, 4.0 * EVAL_ALARM * 0.9), (300, 4.0 * EVAL_ALARM * 1.5)):
+        tracker = Tracker()
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            score_ema(EMA(net.parameters(), 0.9, 0.75), net, lambda *a, fd=fd: {**base, "fd_digitsnet": fd}, None,
+                      TrainConfig(), tmp_path, tracker, None, step)  # fmt: skip
+        fell = "sample quality fell" in caplog.text
+        assert fell == (step == 300), caplog.text
+        assert fell == hasattr(tracker, "alerted")
+    assert "step 300: fd_digitsnet 12 is over 2x this run's best, 4" in caplog.text
