@@ -76,3 +76,21 @@ def test_sampler_settings_scores_each_variant_with_its_setting_applied(tmp_path)
     assert all(isinstance(r["fd"][0], float) and r["fd"][0] > 0 and r["floor"] > 0 for r in rows)
     assert rows[0]["fd"] != rows[1]["fd"]  # each setting reached the sampler
     assert "| heun | " in table(rows, "sde-dpmsolver++", 3)
+
+
+def test_the_divergence_table_photographs_are_the_same_everywhere_and_train(tmp_path):
+    """bench.divergence's data: colour crops of the photographs the packages ship, identical on every run."""
+    import hashlib
+
+    from bench.divergence import photo_crops, train_args
+    from ddpm.data.cache import open_cache
+    from jobs.train import load
+
+    def digest(folder):
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.jpg"))]
+
+    a, b = photo_crops(tmp_path / "a", count=6), photo_crops(tmp_path / "b", count=6)
+    assert len(digest(a)) == 6 and digest(a) == digest(b)
+    cfg = load(None, train_args(tmp_path / "runs", a, 1.6e-3, 16, 500), {})
+    cache = open_cache(cfg.data)
+    assert (len(cache), cfg.data.image_channels, cfg.train.on_divergence) == (6, 3, "warn")
