@@ -3,7 +3,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo .uv-boot/bin/uv)
-CONFIG ?=
+# The digits demo (README, "What make train does"); CONFIG=configs/x.yaml for another, CONFIG= for the bare defaults.
+CONFIG ?= configs/digits-16px.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 

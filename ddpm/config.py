@@ -98,8 +98,8 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.6e-3  # peak learning rate (AdamW); 4x the tutorial's 4e-4, which docs/comparing-runs.md measured
-    # 3.6x worse in FD-digitsnet on the default digits run (the tutorial recipes in configs/ keep their own)
+    lr: float = 4e-4  # peak learning rate (AdamW), the tutorial's; 1.6e-3 diverged on its UNet over colour photos
+    # at batch 16 (docs/benchmarks.md, "Divergence"); the digits demo (configs/digits-16px.yaml) takes 1.6e-3
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decays
     eps: float = 1e-8  # AdamW denominator epsilon

@@ -23,7 +23,7 @@ from ddpm.config import TrainConfig
 from ddpm.errors import UserError
 from ddpm.models.checkpoint import latest_checkpoint, mark_last_good, remove_after, verified_checkpoints
 from ddpm.tracking import Tracker
-from ddpm.training.divergence import DivergenceDetector, NonFiniteSteps
+from ddpm.training.divergence import PATIENCE, DivergenceDetector, NonFiniteSteps
 from ddpm.training.state import TrainingState, restore_training_state
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ class Watchdog:
         if not verdict.diverged:
             return ""
         if t.on_divergence == "warn":
-            announce(self.tracker, "training diverged", f"step {step}: {verdict.reason} (warn only)", is_main)
+            if self.detector.high == PATIENCE:  # once per divergence, not at every window it lasts
+                announce(self.tracker, "training diverged", f"step {step}: {verdict.reason} (warn only)", is_main)
             return ""
         if t.on_divergence == "rollback" and self.recovery.rollbacks < t.max_rollbacks:
             restored = roll_back(self.state, self.ckpt_dir, good, self.initial, self.accelerator, t.batch_size)
