@@ -105,7 +105,10 @@ class Watchdog:
         """Acts on one log window; returns why the run must stop (a one-line error), or "" to go on. `checkpoint`
         writes the training state at the current step."""
         t, is_main = self.t, self.accelerator.is_main_process
-        if w.nonfinite_run >= t.max_nonfinite_steps:  # every skipped step left the weights as they were
+        # Under fp16, GradScaler's own overflow steps count too: it halves its scale (from 2^16) at each, so 16 more
+        # in a row are its normal search for a scale at the start, not a broken run.
+        limit = t.max_nonfinite_steps + (16 if self.state.scaler is not None else 0)
+        if w.nonfinite_run >= limit:  # every skipped step left the weights as they were
             checkpoint()
             return (
                 f"step {step}: {w.nonfinite_run} optimizer steps in a row had NaN/inf gradients (each skipped; "
