@@ -101,6 +101,19 @@ class Watchdog:
         self.guard.new_window()
         return Window(loss / count if count else math.nan, grad, int(run), int(skipped), votes)
 
+    def _announce(self, event: str, title: str, text: str, step: int, log_line: bool = True) -> str:
+        """The log line, `divergence/<event>` in metrics.jsonl and W&B (a mark on the charts beside the loss), and a
+        W&B alert where the run is online. Returns the text."""
+        if self.accelerator.is_main_process:
+            if log_line:  # (a stop's text is the run's one-line error instead)
+                log.warning("%s: %s", title, text)
+            self.tracker.log({f"divergence/{event}": 1.0}, step)
+            self.tracker.alert(title, text)
+        return text
+
+    def _stopped(self, step: int, text: str) -> str:
+        return self._announce("stopped", "training stopped", text, step, log_line=False)
+
     def judge(self, window_first: int, step: int, w: Window, checkpoint: Callable[[], None]) -> str:
         """Acts on one log window; returns why the run must stop (a one-line error), or "" to go on. `checkpoint`
         writes the training state at the current step."""
@@ -110,41 +123,43 @@ class Watchdog:
         limit = t.max_nonfinite_steps + (16 if self.state.scaler is not None else 0)
         if w.nonfinite_run >= limit:  # every skipped step left the weights as they were
             checkpoint()
-            return (
+            return self._stopped(
+                step,
                 f"step {step}: {w.nonfinite_run} optimizer steps in a row had NaN/inf gradients (each skipped; "
                 f"train.max_nonfinite_steps={t.max_nonfinite_steps}); the weights from before them are checkpointed. "
-                "Lower optim.lr, check the data, or try train.mixed_precision=fp32"
+                "Lower optim.lr, check the data, or try train.mixed_precision=fp32",
             )
         verdict = self.detector.update(window_first, step, w.loss, w.grad_norm)
         if not (verdict.spike or verdict.diverged):
             return ""
         good = keep_last_good(self.ckpt_dir, verdict.suspect_from, verdict.spike or verdict.reason, is_main)
         if verdict.spike:
-            announce(self.tracker, "training spike", f"{verdict.spike}; last good checkpoint: step {good}", is_main)
+            self._announce("spike", "training spike", f"{verdict.spike}; last good checkpoint: step {good}", step)
         if not verdict.diverged:
             return ""
         if t.on_divergence == "warn":
             if self.detector.high == PATIENCE:  # once per divergence, not at every window it lasts
-                announce(self.tracker, "training diverged", f"step {step}: {verdict.reason} (warn only)", is_main)
+                self._announce("diverged", "training diverged", f"step {step}: {verdict.reason} (warn only)", step)
             return ""
         if t.on_divergence == "rollback" and self.recovery.rollbacks < t.max_rollbacks:
             restored = roll_back(self.state, self.ckpt_dir, good, self.initial, self.accelerator, t.batch_size)
             self.recovery.lr_scale *= t.rollback_lr_factor
             self.recovery.rollbacks += 1
             self.detector.load_state_dict(self.detector.state_dict())  # the history from before the trouble stays
-            announce(
-                self.tracker,
+            self._announce(
+                "rollback",
                 "training diverged, rolled back",
                 f"step {step}: {verdict.reason}; rollback {self.recovery.rollbacks} of {t.max_rollbacks} to the "
                 f"weights of step {restored}, past the batches that led there, learning rate "
                 f"x{self.recovery.lr_scale:g}",
-                is_main,
+                step,
             )
             return ""
         kept = set_aside(self.ckpt_dir, good, is_main)
-        return (
+        return self._stopped(
+            step,
             f"step {step}: training diverged: {verdict.reason}; stopped (train.on_divergence={t.on_divergence}, "
-            f"{self.recovery.rollbacks} rollbacks); {kept}. Lower optim.lr and rerun"
+            f"{self.recovery.rollbacks} rollbacks); {kept}. Lower optim.lr and rerun",
         )
 
 
@@ -202,10 +217,3 @@ def set_aside(ckpt_dir: Path, good: int | None, is_main: bool) -> str:
             log.warning("set aside (renamed diverged-*): %s", ", ".join(moved))
     newest = latest_checkpoint(ckpt_dir) if good is not None else None
     return f"the last good checkpoint is {newest.path}" if newest else "no checkpoint from before it"
-
-
-def announce(tracker: Tracker, title: str, text: str, is_main: bool) -> None:
-    """The log line, and a W&B alert where the run is online."""
-    if is_main:
-        log.warning("%s: %s", title, text)
-        tracker.alert(title, text)
