@@ -133,6 +133,18 @@ def test_the_detector_keeps_its_history_across_a_resume():
     assert b.update(10, 11, 1.0, 0.3).spike  # judged at once, no new warm-up
 
 
+def test_a_resume_in_the_middle_of_a_spike_keeps_it_open():
+    a = DivergenceDetector()
+    for i in range(10):
+        a.update(i, i + 1, 0.1, 0.3)
+    assert a.update(10, 11, 1.0, 0.3).suspect_from == 10
+    b = DivergenceDetector()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # through a checkpoint's state.json
+    b.update(11, 12, 1.0, 0.3)
+    verdict = b.update(12, 13, 1.0, 0.3)
+    assert verdict.diverged and verdict.suspect_from == 10  # the target is still from before the spike
+
+
 def write(ckpt_dir: Path, step: int, keep: int) -> None:
     save_checkpoint(
         ckpt_dir, step, tensors={"unet": {"w": torch.ones(2)}}, torch_states={}, rank_states={}, state={"step": step},
@@ -149,11 +161,15 @@ def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000100", "step-00000400", "step-00000500"]
     assert last_good_step(tmp_path) == 100
     assert remove_after(tmp_path, 100, keep_aside=True) == ["step-00000500", "step-00000400"]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
-        "diverged-step-00000400",
-        "diverged-step-00000500",
-        "step-00000100",
-    ]
+    for step in (400, 500):  # a rerun from step 100 that diverges at the same steps again
+        write(tmp_path, step, keep=2)
+    assert remove_after(tmp_path, 100, keep_aside=True) == ["step-00000500", "step-00000400"]
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert names[-1] == "step-00000100" and len(names) == 5
+    assert (
+        sorted(n.rsplit("-", 1)[0] for n in names[:-1])
+        == ["diverged-step-00000400"] * 2 + ["diverged-step-00000500"] * 2
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -266,10 +282,11 @@ def test_a_collapse_is_detected_and_rolled_back_to_the_last_good_checkpoint(tiny
     assert every_tensor_finite(run_dir)
 
 
-@pytest.mark.parametrize("mode", ["stop", "rollback"])
-def test_a_collapse_that_stays_stops_with_one_line_and_a_failing_exit(tiny, monkeypatch, capsys, mode):
+@pytest.mark.parametrize("mode, good", [("stop", 40), ("rollback", 55)])
+def test_a_collapse_that_stays_stops_with_one_line_and_a_failing_exit(tiny, monkeypatch, capsys, mode, good):
     """stop at once, or rollback until train.max_rollbacks is spent: exit status 2 (a SLURM job chained with
-    afterok does not start), no export, the diverged checkpoints set aside and the last good one kept."""
+    afterok does not start), no export, the diverged checkpoints set aside and the last good one kept: step 40, or
+    the checkpoint written right after the rollback at step 55 (step 40's weights at half the rate)."""
     from ddpm.config import load_config
 
     overrides = tiny(*COLLAPSE, f"train.on_divergence={mode}", "train.max_rollbacks=1", "train.max_steps=100")
@@ -278,11 +295,11 @@ def test_a_collapse_that_stays_stops_with_one_line_and_a_failing_exit(tiny, monk
     run_dir = load_config(None, overrides).run_dir
     assert code == 2 and len(err) == 1, err
     assert "training diverged" in err[0] and f"train.on_divergence={mode}" in err[0]
-    assert f"{int(mode == 'rollback')} rollbacks" in err[0] and "step-00000040" in err[0]
+    assert f"{int(mode == 'rollback')} rollbacks" in err[0] and f"step-{good:08d}" in err[0]
     assert not (run_dir / "pipeline").exists() and events(run_dir)[-1][1] == "stopped"
     kept = sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
-    aside = sorted(int(p.name.removeprefix("diverged-step-")) for p in (run_dir / "checkpoints").glob("diverged-*"))
-    assert kept[-1] == 40 and aside and aside[0] > 40  # a rerun resumes from step 40
+    aside = sorted(int(p.name.split("-")[2]) for p in (run_dir / "checkpoints").glob("diverged-*"))
+    assert kept[-1] == good and aside and aside[0] > good  # a rerun resumes from the last good one
 
 
 def test_warn_only_names_the_divergence_and_trains_on(tiny, monkeypatch, capsys):

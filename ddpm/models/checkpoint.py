@@ -188,12 +188,12 @@ def checkpoints_after(ckpt_dir: Path, step: int) -> list[Path]:
 
 def remove_after(ckpt_dir: Path, step: int, *, keep_aside: bool) -> list[str]:
     """Takes the checkpoints newer than `step` out of the checkpoint names, so a resume starts from `step`: renamed
-    to `diverged-step-N` with `keep_aside` (kept for a look), else deleted. Returns their names."""
+    to `diverged-step-N-<id>` with `keep_aside` (kept for a look), else deleted. Returns their names."""
     names = []
     for c in checkpoints_after(ckpt_dir, step):
         names.append(c.name)
-        if keep_aside:
-            c.rename(c.with_name(f"diverged-{c.name}"))
+        if keep_aside:  # a suffix: a rerun that diverges again at the same steps must not collide
+            c.rename(c.with_name(f"diverged-{c.name}-{uuid.uuid4().hex[:8]}"))
         else:
             shutil.rmtree(_discard(c), ignore_errors=True)
     return names

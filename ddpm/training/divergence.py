@@ -11,6 +11,7 @@ verdict from the same numbers.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class DivergenceDetector:
 
     def update(self, window_start: int, step: int, loss: float, grad_norm: float) -> Verdict:
         """`window_start`: the step the window began after; `loss`: its mean loss; `grad_norm`: its largest."""
-        if loss != loss:  # no finite loss in the window (every step skipped): nothing to judge, the guard counts it
+        if not math.isfinite(loss):  # no finite loss in the window (every step skipped): the guard counts those
             return Verdict(suspect_from=self.suspect_from)
         verdict = Verdict()
         self.seen += 1
@@ -97,13 +98,14 @@ class DivergenceDetector:
 
     def state_dict(self) -> dict:
         """Plain numbers for the checkpoint's state.json: a resumed run keeps judging against the same history."""
-        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "seen": self.seen}
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "seen": self.seen,
+                "high": self.high, "suspect_from": self.suspect_from}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = deque(state.get("losses", []), maxlen=HISTORY)
         self.grad_norms = deque(state.get("grad_norms", []), maxlen=HISTORY)
         self.seen = int(state.get("seen", 0))
-        self.high, self.suspect_from = 0, None
+        self.high, self.suspect_from = int(state.get("high", 0)), state.get("suspect_from")  # a spike still open
 
 
 class NonFiniteSteps:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from ddpm.config import TrainConfig
 from ddpm.errors import UserError
-from ddpm.models.checkpoint import latest_checkpoint, mark_last_good, remove_after, verified_checkpoints
+from ddpm.models.checkpoint import mark_last_good, remove_after, verified_checkpoints
 from ddpm.tracking import Tracker
 from ddpm.training.divergence import PATIENCE, DivergenceDetector, NonFiniteSteps
 from ddpm.training.state import TrainingState, restore_training_state
@@ -114,6 +115,12 @@ class Watchdog:
     def _stopped(self, step: int, text: str) -> str:
         return self._announce("stopped", "training stopped", text, step, log_line=False)
 
+    def _keep_last_good(self, before: int, why: str) -> int | None:
+        """The main process picks and marks the last good checkpoint; every rank gets the same answer (a rank must
+        never restore other weights than the rest, whatever its view of a shared file system)."""
+        good = keep_last_good(self.ckpt_dir, before, why) if self.accelerator.is_main_process else None
+        return broadcast_object_list([good])[0] if self.accelerator.num_processes > 1 else good
+
     def judge(self, window_first: int, step: int, w: Window, checkpoint: Callable[[], None]) -> str:
         """Acts on one log window; returns why the run must stop (a one-line error), or "" to go on. `checkpoint`
         writes the training state at the current step."""
@@ -126,31 +133,35 @@ class Watchdog:
             return self._stopped(
                 step,
                 f"step {step}: {w.nonfinite_run} optimizer steps in a row had NaN/inf gradients (each skipped; "
-                f"train.max_nonfinite_steps={t.max_nonfinite_steps}); the weights from before them are checkpointed. "
+                f"the limit is {limit}, train.max_nonfinite_steps); the weights from before them are checkpointed. "
                 "Lower optim.lr, check the data, or try train.mixed_precision=fp32",
             )
         verdict = self.detector.update(window_first, step, w.loss, w.grad_norm)
-        if not (verdict.spike or verdict.diverged):
+        first = verdict.spike or (verdict.diverged and self.detector.high == PATIENCE)  # news, not a lasting state
+        if not first:
             return ""
-        good = keep_last_good(self.ckpt_dir, verdict.suspect_from, verdict.spike or verdict.reason, is_main)
+        good = self._keep_last_good(verdict.suspect_from, verdict.spike or verdict.reason)
         if verdict.spike:
-            self._announce("spike", "training spike", f"{verdict.spike}; last good checkpoint: step {good}", step)
+            named = f"step {good}" if good is not None else "none yet (the initial weights)"
+            self._announce("spike", "training spike", f"{verdict.spike}; last good checkpoint: {named}", step)
         if not verdict.diverged:
             return ""
         if t.on_divergence == "warn":
-            if self.detector.high == PATIENCE:  # once per divergence, not at every window it lasts
-                self._announce("diverged", "training diverged", f"step {step}: {verdict.reason} (warn only)", step)
+            self._announce("diverged", "training diverged", f"step {step}: {verdict.reason} (warn only)", step)
             return ""
-        if t.on_divergence == "rollback" and self.recovery.rollbacks < t.max_rollbacks:
+        can_go_back = good is not None or self.initial is not None
+        if t.on_divergence == "rollback" and self.recovery.rollbacks < t.max_rollbacks and can_go_back:
             restored = roll_back(self.state, self.ckpt_dir, good, self.initial, self.accelerator, t.batch_size)
             self.recovery.lr_scale *= t.rollback_lr_factor
             self.recovery.rollbacks += 1
-            self.detector.load_state_dict(self.detector.state_dict())  # the history from before the trouble stays
+            self.detector.high, self.detector.suspect_from = 0, None  # the history from before the trouble stays
+            checkpoint()  # the rolled-back state, its lower rate and the data position: a crash now resumes here
             self._announce(
                 "rollback",
                 "training diverged, rolled back",
                 f"step {step}: {verdict.reason}; rollback {self.recovery.rollbacks} of {t.max_rollbacks} to the "
-                f"weights of step {restored}, past the batches that led there, learning rate "
+                f"{'weights of step ' + str(restored) if good is not None else 'initial weights'}, past the batches "
+                "that led there, learning rate "
                 f"x{self.recovery.lr_scale:g}",
                 step,
             )
@@ -168,12 +179,15 @@ def initial_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
 
 
-def keep_last_good(ckpt_dir: Path, before: int, why: str, is_main: bool) -> int | None:
+def keep_last_good(ckpt_dir: Path, before: int, why: str) -> int | None:
     """Marks the newest checkpoint at or before step `before` as the last good one (pruning keeps it); its step,
-    or None when the run has none that early."""
+    or None when the run has none that early. The main process's call."""
     good = next((c for c in verified_checkpoints(ckpt_dir) if c.step <= before), None)
-    if good is not None and is_main:
-        mark_last_good(ckpt_dir, good.step, why)
+    if good is not None:
+        try:
+            mark_last_good(ckpt_dir, good.step, why)
+        except OSError as e:  # a full disk: the rollback still has its target, only the mark is missing
+            log.warning("could not mark %s as the last good checkpoint: %s", good.path, e)
     return good.step if good else None
 
 
@@ -198,8 +212,6 @@ def roll_back(
         )
         assert restored is not None and restored["step"] == good, (restored, good)
         return good
-    if initial is None:
-        raise TrainingDiverged("no checkpoint from before the divergence and no initial weights to go back to")
     device = next(state.unet.parameters()).device
     state.unet.load_state_dict({k: v.to(device) for k, v in initial.items()})
     state.ema.shadow = [p.detach().clone() for p in state.unet.parameters()]
@@ -215,5 +227,6 @@ def set_aside(ckpt_dir: Path, good: int | None, is_main: bool) -> str:
         moved = remove_after(ckpt_dir, good if good is not None else -1, keep_aside=True)
         if moved:
             log.warning("set aside (renamed diverged-*): %s", ", ".join(moved))
-    newest = latest_checkpoint(ckpt_dir) if good is not None else None
-    return f"the last good checkpoint is {newest.path}" if newest else "no checkpoint from before it"
+    if good is None:
+        return "it had no checkpoint from before; all of them are set aside, so a rerun starts afresh"
+    return f"the last good checkpoint is {ckpt_dir / f'step-{good:08d}'}"
