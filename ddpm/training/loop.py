@@ -192,7 +192,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                 g["lr"] = o.lr * watchdog.recovery.lr_scale * lr_factor(step, o.warmup_steps, total, o.lr_schedule)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
             skipped = watchdog.check_step(grad_norm)
-            if accelerator.scaler is not None or skip_optimizer_step(optimizer, skipped) or not skipped.item():
+            skips_on_device = accelerator.scaler is not None or skip_optimizer_step(optimizer, skipped)
+            if skips_on_device or not skipped.item():
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
