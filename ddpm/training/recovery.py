@@ -207,10 +207,13 @@ def roll_back(
             log.warning("rollback: deleted the checkpoints after the last good one: %s", ", ".join(removed))
     accelerator.wait_for_everyone()
     if good is not None:
+        launch = [{k: g[k] for k in ("betas", "eps", "weight_decay")} for g in state.optimizer.param_groups]
         restored = restore_training_state(
             ckpt_dir, state, rank=accelerator.process_index, world=accelerator.num_processes, batch_size=batch_size
         )
         assert restored is not None and restored["step"] == good, (restored, good)
+        for g, hyper in zip(state.optimizer.param_groups, launch):  # this launch's config wins, as on resume
+            g.update(hyper)
         return good
     device = next(state.unet.parameters()).device
     state.unet.load_state_dict({k: v.to(device) for k, v in initial.items()})
