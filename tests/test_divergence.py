@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.models.checkpoint import last_good_step, mark_last_good, remove_after, save_checkpoint
+from ddpm.models.checkpoint import all_finite, last_good_step, mark_last_good, remove_after, save_checkpoint
 from ddpm.training.divergence import (
     PATIENCE,
     WARMUP_WINDOWS,
     DivergenceDetector,
     NonFiniteSteps,
-    all_finite,
     skip_optimizer_step,
 )
 from ddpm.training.ema import EMA

@@ -68,6 +68,13 @@ def load_plain(path: Path) -> dict:
         ) from None
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One host sync: whether every element of every tensor is finite (checked before a checkpoint or an export)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t.detach()).all().to(tensors[0].device) for t in tensors]).all())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -181,16 +188,11 @@ def last_good_step(ckpt_dir: Path) -> int | None:
         return None
 
 
-def checkpoints_after(ckpt_dir: Path, step: int) -> list[Path]:
-    """Checkpoint directories newer than `step`, newest first."""
-    return [c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX) :]) > step]
-
-
 def remove_after(ckpt_dir: Path, step: int, *, keep_aside: bool) -> list[str]:
     """Takes the checkpoints newer than `step` out of the checkpoint names, so a resume starts from `step`: renamed
     to `diverged-step-N-<id>` with `keep_aside` (kept for a look), else deleted. Returns their names."""
     names = []
-    for c in checkpoints_after(ckpt_dir, step):
+    for c in (c for c in _candidates(ckpt_dir) if int(c.name[len(PREFIX) :]) > step):
         names.append(c.name)
         if keep_aside:  # a suffix: a rerun that diverges again at the same steps must not collide
             c.rename(c.with_name(f"diverged-{c.name}-{uuid.uuid4().hex[:8]}"))

@@ -7,18 +7,18 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from diffusers import DDPMPipeline
 
 from ddpm.errors import UserError
 from ddpm.files import unique_suffix
+from ddpm.models.checkpoint import all_finite
 
 
 def export_pipeline(pipeline: DDPMPipeline, out_dir: Path) -> Path:
     """Save atomically: written beside the target, then swapped in, so a reader never sees half a pipeline. Weights
     that hold a NaN or inf are refused in one line, and the export already there stays."""
     out_dir = Path(out_dir)
-    if not all(bool(torch.isfinite(p).all()) for p in pipeline.unet.parameters()):
+    if not all_finite(list(pipeline.unet.parameters())):
         raise UserError(f"not exporting {out_dir}: the weights hold NaN or inf (training diverged; see its log)")
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{unique_suffix()}"
     old = out_dir.parent / f".old-{out_dir.name}-{unique_suffix()}"

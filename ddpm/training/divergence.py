@@ -140,10 +140,3 @@ def skip_optimizer_step(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> 
         return False
     inner.found_inf = bad
     return True
-
-
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One host sync: whether every element of every tensor is finite (checked before a checkpoint or an export)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t.detach()).all().to(tensors[0].device) for t in tensors]).all())

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from ddpm.errors import UserError
-from ddpm.models.checkpoint import latest_checkpoint, load_plain, save_checkpoint
-from ddpm.training.divergence import all_finite
+from ddpm.models.checkpoint import all_finite, latest_checkpoint, load_plain, save_checkpoint
 from ddpm.training.ema import EMA
 
 log = logging.getLogger(__name__)
