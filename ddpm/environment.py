@@ -1,5 +1,6 @@
 """What this process runs on, checked before a long job: torch and CUDA, the driver, the GPUs, NCCL, SLURM and
-torch.distributed variables, the container, W&B and the Hugging Face cache. Each check is one line with a verdict.
+torch.distributed variables, /dev/shm for NCCL, the container, W&B and the Hugging Face cache. Each check is one line
+with a verdict.
 
 Secrets are never read into the output: a token is reported as present or absent, never shown.
 """
@@ -24,6 +25,20 @@ SLURM_VARS = (
     "SLURM_GPUS_ON_NODE",
 )
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+
+# NCCL's processes on one node talk through segments it creates in /dev/shm (NCCL's troubleshooting guide, "Shared
+# memory"), and a container gets 64 MB there unless told otherwise (Docker's default). One segment per connection
+# holds the buffers of NCCL's three protocols: Simple's NCCL_BUFFSIZE (4 MiB by default) + LL128's 4,915,200 bytes
+# (120 elements x 640 threads x 8 steps x 8 bytes) + LL's 524,288 (8 lines x 512 threads x 8 steps x 16 bytes) + a
+# 4 KiB header = 9,637,888 bytes, the size NCCL's own errors name ("Error while creating shared memory segment
+# /dev/shm/nccl-... (size 9637888)", NVIDIA/nccl #342, #1518). Each process receives from its ring neighbour on each
+# channel, and NCCL opens 2 channels between GPUs that go through host memory (the log of #1518): so n processes need
+# n x 2 x 9.2 MiB = n x 18.4 MiB, which is what #1518 saw in 64 MB: 2 processes (37 MiB) started, 4 (74 MiB) did not.
+# 8 processes need 147 MiB; `--shm-size=1g`, the size NCCL's guide gives for containers, is enough for 55.
+NCCL_LL128_BYTES = 4_915_200
+NCCL_LL_BYTES = 524_288
+NCCL_SHM_CHANNELS = 2
+SHM_FIX = "give the container more shared memory: docker run --shm-size=1g (or --ipc=host)"
 
 
 @dataclass
@@ -102,6 +117,58 @@ def require_gpus(n: int) -> None:
     )
 
 
+def shm_bytes(path: str = "/dev/shm") -> tuple[int, int] | None:
+    """(size, free bytes) of the shared-memory filesystem, or None where there is none (macOS)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def shm_needed(processes: int) -> int:
+    """Bytes of /dev/shm that `processes` GPU processes of one node need for NCCL (the arithmetic above SHM_FIX)."""
+    segment = int(os.environ.get("NCCL_BUFFSIZE", str(4 * 2**20))) + NCCL_LL128_BYTES + NCCL_LL_BYTES + 4096
+    return processes * NCCL_SHM_CHANNELS * segment
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def shm_check(processes: int) -> Check:
+    """/dev/shm against what `processes` GPU processes on this node need for NCCL."""
+    size = shm_bytes()
+    many = f"{processes} GPU processes on this node" if processes > 1 else "at most one GPU process here: no NCCL peers"
+    if size is None:
+        return Check("/dev/shm", f"none; {many}", "ok" if processes <= 1 else "warn")
+    total, free = size
+    value = f"{_mib(total)} ({_mib(free)} free); {many}"
+    if processes <= 1:
+        return Check("/dev/shm", value)
+    if os.environ.get("NCCL_SHM_DISABLE") == "1":
+        return Check("/dev/shm", value, "ok", "NCCL_SHM_DISABLE=1: NCCL's shared-memory transport is off")
+    need = shm_needed(processes)
+    if free < need:
+        return Check("/dev/shm", value, "fail", f"NCCL needs about {_mib(need)}: {SHM_FIX}, or NCCL_SHM_DISABLE=1")
+    return Check("/dev/shm", value, "ok", f"NCCL needs about {_mib(need)}")
+
+
+def require_shm(processes: int) -> None:
+    """Refuse in one line, before any process starts, a launch of `processes` GPU processes on this node whose NCCL
+    would fail to create its shared-memory segments minutes later ("unhandled system error")."""
+    from ddpm.errors import UserError
+
+    if shm_check(processes).status != "fail":
+        return
+    _, free = shm_bytes()
+    raise UserError(
+        f"/dev/shm on {os.uname().nodename} has {_mib(free)} free, NCCL needs about {_mib(shm_needed(processes))} "
+        f"for {processes} GPU processes: {SHM_FIX}; if you know better, NCCL_SHM_DISABLE=1 or --no-shm-check "
+        "(shm_check=false)"
+    )
+
+
 def container() -> str:
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
         return f"apptainer {os.environ.get('APPTAINER_CONTAINER') or os.environ.get('SINGULARITY_CONTAINER')}"
@@ -143,6 +210,9 @@ def checks(expect_gpus: int = 0) -> list[Check]:
     out.append(Check("SLURM", slurm or "not in a SLURM job"))
     dist = ", ".join(f"{k}={os.environ[k]}" for k in DIST_VARS if k in os.environ)
     out.append(Check("distributed", dist or "single process"))
+    # `ddpm train` starts one process per visible GPU, and a SLURM GPU profile one task per GPU of the node.
+    node_gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+    out.append(shm_check(max(expect_gpus, len(gpus), int(node_gpus) if node_gpus.isdigit() else 0)))
     out.append(Check("container", container()))
     mode = wandb_mode()
     out.append(

@@ -7,10 +7,12 @@ ddpm train --processes 2 ...                     two CPU processes on gloo: the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ddpm.config import Config, dump_yaml, validate_config
+from ddpm.training.local_launch import ALREADY_LAUNCHED
 from ddpm.typed_config import build_config, read_tree
 
 
@@ -20,6 +22,7 @@ class TrainJobConfig(Config):
 
     gpus: str = "auto"  # processes on GPUs: auto (one per visible GPU), all, or a count; ignored under SLURM
     processes: int = 0  # instead: this many CPU processes on gloo (0: off)
+    shm_check: bool = True  # refuse several GPU processes on a node whose /dev/shm is too small for NCCL (false: skip)
 
 
 CONFIG = TrainJobConfig
@@ -61,14 +64,27 @@ def _train_one(cfg: Config) -> Path | None:
         return train(cfg)
 
 
+def gpu_processes_here(nproc: int, on_cpu: bool) -> int:
+    """GPU processes of this run on this node: the ones about to start, or, in a task that SLURM or torchrun started,
+    its node's share (LOCAL_WORLD_SIZE)."""
+    import torch
+
+    if os.environ.get(ALREADY_LAUNCHED):
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
+    return 0 if on_cpu else nproc
+
+
 def run(cfg: Config) -> Path | None:
     """Plain and picklable: the same call runs locally, in the container and under SLURM. Starts one process
     per GPU where asked (ddpm.training.local_launch). Returns the exported pipeline, or None when the launch ended
     early with a checkpoint (train.stop_after)."""
+    from ddpm.environment import require_shm
     from ddpm.files import writable_dir
     from ddpm.training.local_launch import launch, processes_to_start
 
     nproc, on_cpu = processes_to_start(getattr(cfg, "gpus", "auto"), getattr(cfg, "processes", 0))
+    if getattr(cfg, "shm_check", True):  # room for NCCL's segments, rather than a failure inside NCCL minutes later
+        require_shm(gpu_processes_here(nproc, on_cpu))
     plain = run_config(cfg)
     for what, path in _outputs(plain):  # before any process starts, loads a model or decodes data
         writable_dir(path, what)

@@ -44,6 +44,7 @@ def test_doctor_prints_every_check_and_never_the_token(tmp_path):
         "precision",
         "SLURM",
         "distributed",
+        "/dev/shm",
         "container",
         "W&B",
         "HF",
