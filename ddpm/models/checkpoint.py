@@ -257,6 +257,12 @@ def verified_checkpoints(ckpt_dir: Path, newest: int = 0) -> list[Checkpoint]:
     return found
 
 
+def newest_written(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest was written (it is written last), without hashing its files: for
+    messages that name it, not for loading it (latest_checkpoint checks it)."""
+    return next((p for p in _candidates(ckpt_dir) if (p / MANIFEST).is_file()), None)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
     """The newest checkpoint that passes its manifest check; broken newer ones are named in a warning."""
     for path in _candidates(ckpt_dir):

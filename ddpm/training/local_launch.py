@@ -77,6 +77,21 @@ def _worker(fn: Callable[[Any], Any], arg: Any) -> Any:
         raise ProcessUserError(str(e)) from None
 
 
+def _failure_line(rank: int, failure: Any, nproc: int, on_cpu: bool) -> str:
+    """One failed process in one line: its user error or bug (with the bug's stack printed first), or its signal."""
+    message = failure.message  # the error file's {"message": "Type: text", ...}, or a signal's description
+    if isinstance(message, dict):
+        if not message.get("message", "").startswith(ProcessUserError.__name__):  # a bug: show where
+            print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
+        message = message.get("message", str(message)).removeprefix(ProcessUserError.__name__ + ": ")
+    elif failure.exitcode == -6 and not on_cpu:  # SIGABRT: how NCCL's watchdog ends a process whose collective hung
+        message += (
+            "; on GPUs this is often NCCL's watchdog after a collective timed out or lost a peer: "
+            "rerun with NCCL_DEBUG=INFO for NCCL's own account (the newest checkpoint is intact: rerun to resume)"
+        )
+    return f"process {rank} of {nproc} failed (exit code {failure.exitcode}): {message}"
+
+
 def launch(fn: Callable[[Any], Any], arg: Any, nproc: int, on_cpu: bool) -> Any:
     """Runs fn(arg) in `nproc` processes of one job on this machine; returns rank 0's result."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -106,13 +121,12 @@ def launch(fn: Callable[[Any], Any], arg: Any, nproc: int, on_cpu: bool) -> Any:
     try:
         results = elastic_launch(config, _worker)(fn, arg)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        message = failure.message  # the error file's {"message": "Type: text", ...}, or a signal's description
-        if isinstance(message, dict):
-            if not message.get("message", "").startswith(ProcessUserError.__name__):  # a bug: show where
-                print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
-            message = message.get("message", str(message)).removeprefix(ProcessUserError.__name__ + ": ")
-        raise UserError(f"process {rank} of {nproc} failed (exit code {failure.exitcode}): {message}") from None
+        first, _ = e.get_first_failure()
+        lines = {rank: _failure_line(rank, failure, nproc, on_cpu) for rank, failure in sorted(e.failures.items())}
+        for rank, line in lines.items():  # one line per failed process; the first to fail ends the job's output
+            if rank != first:
+                print(f"error: {line}", file=sys.stderr, flush=True)
+        raise UserError(lines[first]) from None
     finally:
         launcher_log.setLevel(level)
         for k, v in saved.items():

@@ -31,6 +31,7 @@ from ddpm.models.export import export_pipeline
 from ddpm.models.schedule import NoiseProcess, build_scheduler
 from ddpm.models.unet import architecture
 from ddpm.sampling.sample import make_sampler
+from ddpm.training.communication import collective_failures
 from ddpm.training.divergence import skip_optimizer_step
 from ddpm.training.lock import RunLock
 from ddpm.training.recovery import TrainingDiverged, Watchdog
@@ -83,20 +84,22 @@ class StopRequest:
 
 def train(cfg: Config) -> Path | None:
     """Train (or resume) the run `cfg.run_dir`; returns the exported pipeline's directory, or None
-    when the launch ended early at `train.stop_after` (with a checkpoint to resume from)."""
-    accelerator = start_accelerator(cfg.train)
-    lock = RunLock(cfg.run_dir)
-    if accelerator.is_main_process:
-        lock.acquire()
-    accelerator.wait_for_everyone()
-    stop = StopRequest()
-    stop.install()
-    try:
-        return _train(cfg, accelerator, lock, stop)
-    finally:
-        stop.uninstall()
+    when the launch ended early at `train.stop_after` (with a checkpoint to resume from). A failed collective (NCCL,
+    gloo) leaves as one line naming this rank, its host and the error (ddpm.training.communication)."""
+    with collective_failures(cfg.run_dir / "checkpoints"):
+        accelerator = start_accelerator(cfg.train)
+        lock = RunLock(cfg.run_dir)
         if accelerator.is_main_process:
-            lock.release()
+            lock.acquire()
+        accelerator.wait_for_everyone()
+        stop = StopRequest()
+        stop.install()
+        try:
+            return _train(cfg, accelerator, lock, stop)
+        finally:
+            stop.uninstall()
+            if accelerator.is_main_process:
+                lock.release()
 
 
 def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopRequest) -> Path | None:

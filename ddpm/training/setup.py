@@ -27,6 +27,7 @@ from ddpm.evaluation.scores import drop_training_scores_after, read_scores
 from ddpm.files import write_json
 from ddpm.models.unet import build_unet
 from ddpm.tracking import Tracker, run_metadata
+from ddpm.training.communication import ddp_settings
 from ddpm.training.ema import EMA
 from ddpm.training.state import TrainingState, restore_training_state
 
@@ -41,7 +42,8 @@ def start_accelerator(t: TrainConfig) -> Accelerator:
         # Ranks wait for each other while the data cache is built (and rank 0 lists the source): give them time
         # (cluster profiles set it).
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(minutes=float(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "60"))))
+            InitProcessGroupKwargs(timeout=timedelta(minutes=float(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "60")))),
+            ddp_settings(),  # DDP's defaults, and why: its docstring
         ],
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
