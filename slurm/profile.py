@@ -187,6 +187,8 @@ def python_command(profile: ClusterProfile, repo_python: Path, binds: list[Path]
     c = profile.container
     mounts = [*c.binds, *(str(b) for b in binds)]
     nv = ["--nv"] if profile.gpus_per_node or profile.sweep_gpus_per_task else []
+    # No --contain: the container shares the node's /dev, so NCCL's segments go to the node's own /dev/shm (Docker's
+    # 64 MB default has no counterpart); jobs/train.py checks its room before any work all the same.
     wrapper = ["sh", str(code / "slurm" / "container_task.sh")] if code else []
     return shlex.join(
         [

@@ -66,3 +66,38 @@ def test_a_documented_command_parses_and_builds_its_config(argv, monkeypatch):
             args.kind if args.command == "submit" else args.command,
             argparse.Namespace(**{**vars(args), "overrides": overrides}),
         )
+
+
+def docker_runs_with_gpus() -> list[tuple[str, str]]:
+    """(where, the whole command) for each `docker run` line with `--gpus` in the README's and the docs' code blocks
+    and in the Dockerfile's usage comment, continuation lines joined."""
+    found = []
+    for path in [*DOCS, ROOT / "containers" / "Dockerfile"]:
+        comment = path.name == "Dockerfile"
+        pending, start = "", 0
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if comment:
+                line = line.removeprefix("#")
+            if pending:
+                line, pending = pending + " " + line.strip(), ""
+            else:
+                start = n
+            if line.rstrip().endswith("\\"):
+                pending = line.rstrip()[:-1]
+                continue
+            if re.search(r"\bdocker run\b", line) and "--gpus" in line:
+                found.append((f"{path.name}:{start}", line.strip()))
+    return found
+
+
+DOCKER_RUNS = docker_runs_with_gpus()
+
+
+def test_the_docs_have_docker_runs_with_gpus():
+    assert {where.split(":")[0] for where, _ in DOCKER_RUNS} >= {"README.md", "Dockerfile"}, DOCKER_RUNS
+
+
+@pytest.mark.parametrize("command", [c[1] for c in DOCKER_RUNS], ids=[c[0] for c in DOCKER_RUNS])
+def test_every_docker_run_with_gpus_gives_nccl_its_shared_memory(command):
+    """Several GPUs are several processes talking through NCCL's buffers in /dev/shm: Docker's 64 MB are too few."""
+    assert re.search(r"--shm-size=\d+[gG]\b|--ipc=host", command), command
