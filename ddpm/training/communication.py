@@ -57,7 +57,7 @@ def is_collective_failure(e: BaseException) -> bool:
     older paths and gloo raise with their backend's name in the text."""
     import torch.distributed as dist
 
-    if isinstance(e, dist.DistError):
+    if isinstance(e, getattr(dist, "DistError", ())):  # absent where torch is built without distributed
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and any(k in text for k in ("NCCL", "gloo", "ProcessGroup", "c10d"))
