@@ -104,13 +104,17 @@ def model_step(model: str | Path) -> int | None:
     """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
     model outside a run directory."""
     from ddpm.evaluation.evaluate import checkpoint_step
+    from ddpm.models.export import run_dir_of
+    from ddpm.models.phema import reconstruction_settings
 
     model = Path(model)
-    run_dir = model.parent.parent if model.parent.name == "checkpoints" else model.parent
+    run_dir = run_dir_of(model)
     if not (run_dir / "config.yaml").is_file():
         return None
     if (step := checkpoint_step(model)) is not None:
         return step
+    if (posthoc := reconstruction_settings(model)) is not None:
+        return int(posthoc["step"])
     try:
         return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if model.name == "pipeline" else None
     except (OSError, ValueError, KeyError):

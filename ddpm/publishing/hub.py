@@ -20,6 +20,7 @@ from ddpm.evaluation.evaluate import SEED_STRIDE
 from ddpm.evaluation.metrics import METRICS
 from ddpm.evaluation.scores import best_score, headline, measurement, read_scores
 from ddpm.models.export import run_dir_of
+from ddpm.models.phema import reconstruction_settings
 from ddpm.sampling.sample import sampler_recipe
 
 
@@ -112,7 +113,8 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         "hf": f"the Hugging Face dataset `{data.get('path', '')}`",
     }.get(data.get("source", ""), "unknown data")
     # Scores of the published weights (the final EMA: the run's last step), in the Hub's model-index format.
-    published = final_scores(run_dir, summary.get("steps"))
+    # (a post-hoc EMA export has none of its own there: the run's scores are of other weights)
+    published = [] if reconstruction_settings(pipeline) else final_scores(run_dir, summary.get("steps"))
     meta = ModelCardData(
         model_name=repo_id.split("/")[-1],
         eval_results=[
@@ -174,11 +176,17 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         f"- noise schedule: {scheduler.get('beta_schedule')}, {scheduler.get('num_train_timesteps')} steps, "
         f"{scheduler.get('prediction_type')} prediction",
     ]
+    posthoc = reconstruction_settings(pipeline)  # a `ddpm ema` export: its weights are not the classic EMA
     if cfg:
         t, o = cfg.get("train", {}), cfg.get("optim", {})
+        ema = (
+            f"post-hoc EMA, sigma_rel {posthoc['sigma_rel']:g} at step {posthoc['step']} (Karras et al. 2024)"
+            if posthoc
+            else f"EMA decay up to {o.get('ema_decay')}"
+        )
         lines += [
             f"- batch size {t.get('batch_size')} x accumulation {t.get('grad_accum')}, AdamW lr {o.get('lr')}, "
-            f"EMA decay up to {o.get('ema_decay')}, precision {t.get('mixed_precision')}"
+            f"{ema}, precision {t.get('mixed_precision')}, loss weighting {o.get('loss_weighting', 'none')}"
         ]
     if published:
         lines += [
