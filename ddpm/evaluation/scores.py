@@ -101,11 +101,10 @@ def read_scores(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def model_step(model: str | Path) -> int | None:
-    """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
-    model outside a run directory."""
+    """The training step of a run's checkpoint (its name), of a post-hoc EMA export (ema.json) or of its exported
+    pipeline (summary.json); None for a model outside a run directory."""
     from ddpm.evaluation.evaluate import checkpoint_step
     from ddpm.models.export import run_dir_of
-    from ddpm.models.phema import reconstruction_settings
 
     model = Path(model)
     run_dir = run_dir_of(model)
@@ -113,8 +112,6 @@ def model_step(model: str | Path) -> int | None:
         return None
     if (step := checkpoint_step(model)) is not None:
         return step
-    if (posthoc := reconstruction_settings(model)) is not None:
-        return int(posthoc["step"])
     try:
         return int(json.loads((run_dir / "summary.json").read_text())["steps"]) if model.name == "pipeline" else None
     except (OSError, ValueError, KeyError):

@@ -83,7 +83,7 @@ def final_scores(run_dir: Path, final_step: int | None) -> list[dict]:
     """One score per metric of the run's final weights: the one from the most images, then the lowest."""
     chosen: dict[str, dict] = {}
     for row in read_scores(run_dir):
-        if row["step"] != final_step or headline(row["metric"]) not in row:
+        if row["step"] != final_step or headline(row["metric"]) not in row or "ema_length" in row:  # other weights
             continue
         old = chosen.get(row["metric"])
         rank = (-row["num_images"], row[headline(row["metric"])])
@@ -202,7 +202,7 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
                     f"| {METRIC_NAMES[key]} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | "
                     f"{row['steps']} | {row['reference_data']} |"
                 )
-    best = best_score(read_scores(run_dir))
+    best = best_score([r for r in read_scores(run_dir) if "ema_length" not in r])  # the run's own EMA only
     final = next((r for r in published if best and r["metric"] == best["metric"]), None)
     if (
         best
