@@ -108,6 +108,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999  # upper bound of the EMA decay
     ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
+    # Post-hoc EMA (Karras et al. 2024, EDM2): power-function EMA profiles tracked beside the classic EMA, snapshotted
+    # every train.ema_snapshot_every steps, from which `ddpm ema` reconstructs an EMA of any length after training.
+    ema_profiles: tuple[float, ...] = (0.05, 0.10)  # their relative standard deviations sigma_rel; () turns them off
+    loss_weighting: Literal["none", "min_snr"] = "none"  # min_snr: Hang et al. 2023's weight per timestep, from the
+    # trained schedule: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v prediction
+    snr_gamma: float = 5.0  # gamma of min_snr (5, as the paper and diffusers' examples recommend)
 
 
 @dataclass
@@ -123,6 +129,9 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between host syncs for loss/grad-norm logging
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    ema_snapshot_every: int = 500  # optimizer steps between snapshots of optim.ema_profiles (and one at the end);
+    # never pruned: the reconstruction needs them all; 0: no snapshots
+    ema_snapshot_dtype: Literal["fp16", "bf16"] = "fp16"  # snapshots' precision: fp16 keeps 3 more mantissa bits
     sample_every: int = 1000  # optimizer steps between sample grids; 0: only at the end
     sample_images: int = 64  # images in a sample grid (fixed seeds 0..n-1)
     sample_scheduler: str = DEFAULT_SAMPLER  # sampler for the grids (see ddpm.sampling.sample.SAMPLERS)
@@ -258,6 +267,10 @@ def validate_config(cfg: Config) -> None:
     need(o.grad_clip >= 0, f"optim.grad_clip must be non-negative, got {o.grad_clip}")
     need(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
     need(o.ema_power > 0, f"optim.ema_power must be positive, got {o.ema_power}")
+    for sigma_rel in o.ema_profiles:  # EDM2 eq. 123: a power function's sigma_rel lies below sqrt(1/12) = 0.289
+        need(0 < sigma_rel < 0.289, f"optim.ema_profiles: {sigma_rel} is not in (0, 0.289)")
+    need(len(set(o.ema_profiles)) == len(o.ema_profiles), f"optim.ema_profiles has duplicates: {o.ema_profiles}")
+    need(o.snr_gamma > 0, f"optim.snr_gamma must be positive, got {o.snr_gamma}")
     need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
     need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
     need(t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive")
@@ -266,6 +279,7 @@ def validate_config(cfg: Config) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_images", "sample_steps"):
         need(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     need(t.sample_every >= 0, f"train.sample_every must be non-negative, got {t.sample_every}")
+    need(t.ema_snapshot_every >= 0, f"train.ema_snapshot_every must be non-negative, got {t.ema_snapshot_every}")
     need(t.eval_every >= 0, f"train.eval_every must be non-negative, got {t.eval_every}")
     need(
         t.eval_every == 0 or t.eval_images >= 2,

@@ -25,7 +25,7 @@ from ddpm.typed_config import add_arguments, flag_values, load_job_config
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # checkpoint written on SIGTERM/SIGUSR2; rerun (or requeue) to resume
-JOBS = ("train", "prepare", "sample", "sweep", "evaluate", "compare", "upload", "generate", "doctor", "nightly")
+JOBS = ("train", "prepare", "sample", "sweep", "evaluate", "compare", "upload", "generate", "doctor", "nightly", "ema")
 
 
 def job_module(name: str) -> ModuleType:

@@ -168,6 +168,39 @@ def test_checkpoints_of_a_run_are_swept_as_models(tiny_run, sweep_file, tmp_path
     assert all(torch.equal(from_ckpt[k], exported[k]) for k in exported)
 
 
+def test_an_ema_length_axis_sweeps_post_hoc_reconstructions_and_resumes(tiny_run, sweep_file, tmp_path, caplog):
+    """ema_lengths: the run's newest checkpoint, and its post-hoc EMA at each sigma_rel from the run's snapshots
+    (exported once into the run); a rerun samples nothing again and exports nothing again."""
+    run = copy_of_tiny_run(tiny_run, tmp_path / "ema")
+    spec = dict(models=[{"run": str(run), "newest": 1}], schedulers=["ddim"], steps=[2], ema_lengths=[0.05, 0.15])
+    cfg = sweep_job.load(sweep_file("ema", **spec))
+    rows = json.loads(sweep_job.run(cfg)["json"].read_text())
+    assert [(r["model"], r.get("ema_length"), r["checkpoint_step"]) for r in rows] == [
+        ("tiny/step-00000006", None, 6),
+        ("tiny/ema-step-00000006-sigma_rel-0.05", 0.05, 6),
+        ("tiny/ema-step-00000006-sigma_rel-0.15", 0.15, 6),
+    ]
+    assert len({r["fd_digitsnet"] for r in rows}) == 3, "three different sets of weights"
+    exports = sorted((run / "ema-reconstructions").iterdir())
+    assert [p.name for p in exports] == ["step-00000006-sigma_rel-0.05", "step-00000006-sigma_rel-0.15"]
+    assert "ema_length" in files_header(cfg)
+    # the run's own scores keep the post-hoc ones apart: the model card's figures are the classic EMA's
+    from ddpm.evaluation.scores import read_scores
+
+    assert sorted(str(r.get("ema_length")) for r in read_scores(run)) == ["0.05", "0.15", "None"]
+    stamps = {p: (p / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns for p in exports}
+    caplog.set_level("INFO")
+    sweep_job.run(sweep_job.load(sweep_file("ema", **spec)))
+    assert "3 of 3 cells already done" in caplog.text
+    assert {p: (p / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns for p in exports} == stamps
+    r = cli("sweep", "--config", str(sweep_file("ema-bad", **{**spec, "ema_lengths": [0.3]})))
+    assert r.returncode == 2 and "ema_lengths: 0.3 is not in (0, 0.289)" in r.stderr
+
+
+def files_header(cfg) -> list[str]:
+    return (cfg.sweep_dir / "results.csv").read_text().splitlines()[0].split(",")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
@@ -64,18 +65,32 @@ def test_export_holds_ema_weights_and_loads_with_plain_diffusers(tiny):
     assert pil.mode == "L"  # plain DDPMPipeline gives grey images
 
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "data.random_flip=true"]], ids=["plain", "accum-flip"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["train.grad_accum=2", "data.random_flip=true"],
+        ["optim.loss_weighting=min_snr", "optim.ema_profiles=[0.03,0.2]"],
+    ],
+    ids=["plain", "accum-flip", "min-snr-profiles"],
+)
 def test_resume_ends_with_the_same_weights_as_a_straight_run(tiny, extra):
     straight, _ = run_tiny(tiny(*extra, name="straight"))
     cfg, first = run_tiny(tiny(*extra, "train.stop_after=3", name="resumed"))
     assert first is None and not (cfg.run_dir / "pipeline").exists()
     _, second = run_tiny(tiny(*extra, name="resumed"))
     assert second == cfg.run_dir / "pipeline"
-    for a, b in zip(final_weights(straight.run_dir, 6), final_weights(cfg.run_dir, 6)):
+    profiles = [
+        load_file(r / "checkpoints" / "step-00000006" / "phema.safetensors") for r in (straight.run_dir, cfg.run_dir)
+    ]
+    for a, b in zip(
+        final_weights(straight.run_dir, 6) + (profiles[0],), final_weights(cfg.run_dir, 6) + (profiles[1],)
+    ):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((cfg.run_dir / "checkpoints" / "step-00000006" / "state.json").read_text())
-    accum = 2 if extra else 1
+    assert state["phema_t"] == 6
+    accum = 2 if "train.grad_accum=2" in extra else 1
     assert (state["step"], state["ema_step"], state["batch"]) == (6, 6, 6 * accum)
 
 
@@ -253,6 +268,35 @@ def test_v_prediction_target_is_the_velocity():
     xt, v = process.add_noise(x0, eps, t), process.target(x0, eps, t)
     a, s = process.sqrt_abar[t].view(-1, 1, 1, 1), process.sqrt_one_minus_abar[t].view(-1, 1, 1, 1)
     assert torch.allclose(a * xt - s * v, x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_formula_on_the_trained_schedule(prediction_type):
+    """Hang et al. 2023: min(SNR, 5) / SNR on the noise, min(SNR, 5) / (SNR + 1) on v, with SNR from diffusers'
+    own compute_snr on the same schedule; the loss weights each image's error by its timestep's weight."""
+    from diffusers.training_utils import compute_snr
+
+    from ddpm.config import ScheduleConfig
+    from ddpm.models.schedule import NoiseProcess, build_scheduler
+
+    scheduler = build_scheduler(ScheduleConfig(prediction_type=prediction_type))
+    process = NoiseProcess(scheduler, torch.device("cpu"), "min_snr", 5.0)
+    t = torch.arange(1000)
+    snr = compute_snr(scheduler, t).double()
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
+    expected = torch.nan_to_num(expected, nan=1.0)  # 0/0 where the cosine schedule's SNR underflows: weight 1
+    assert torch.allclose(process.loss_weights.double(), expected, rtol=1e-5, atol=1e-7)
+    assert process.loss_weights.isfinite().all() and process.loss_weights.max() <= 1.0
+    # high-noise steps (SNR < 5) keep weight 1 (epsilon); low-noise steps are weighted down
+    assert (process.loss_weights[-100:] == 1.0).all() if prediction_type == "epsilon" else True
+    assert process.loss_weights[0] < 0.01
+
+    x0, eps, ts = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    pred = torch.randn(4, 1, 8, 8)
+    per_image = (pred - process.target(x0, eps, ts)).square().mean(dim=(1, 2, 3))
+    assert torch.allclose(process.loss(pred, x0, eps, ts), (per_image * process.loss_weights[ts]).mean())
+    plain = NoiseProcess(scheduler, torch.device("cpu"))
+    assert torch.equal(plain.loss(pred, x0, eps, ts), F.mse_loss(pred, plain.target(x0, eps, ts)))
 
 
 def test_resume_survives_a_half_written_metrics_line(tiny):

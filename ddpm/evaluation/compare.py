@@ -120,7 +120,12 @@ def curves_figure(runs: list[Run], how: tuple | None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = 2 if how else 1
+    # post-hoc EMA scores (a sweep's ema_lengths) are of other weights than the run's own at the same step: a panel
+    # of their own, quality against sigma_rel at the newest step each run has them for
+    posthoc = {
+        run.label: [r for r in run.scores if how and measurement(r) == how and "ema_length" in r] for run in runs
+    }
+    panels = (2 if how else 1) + any(posthoc.values())
     fig = Figure(figsize=(6.5 * panels, 4))
     FigureCanvasAgg(fig)  # no pyplot: nothing global to close, and a renderer to measure the titles with
     axes = fig.subplots(1, panels, squeeze=False)
@@ -135,13 +140,25 @@ def curves_figure(runs: list[Run], how: tuple | None):
         key = headline(metric)
         ax = axes[0][1]
         for run in runs:
-            points = sorted((r["step"], r[key]) for r in run.scores if measurement(r) == how and key in r)
+            points = sorted(
+                (r["step"], r[key]) for r in run.scores if measurement(r) == how and key in r and "ema_length" not in r
+            )
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=run.label, linewidth=1.2)
         ax.set(
             xlabel="training step",
             ylabel=f"{key} (lower is better)",
             title=f"{key}: {num_images} images, {scheduler} {steps} steps ({precision}), vs {reference}",
+        )
+    if any(posthoc.values()):
+        ax = axes[0][2]
+        for label, rows in posthoc.items():
+            newest = max((r["step"] for r in rows if key in r), default=None)
+            points = sorted((r["ema_length"], r[key]) for r in rows if r["step"] == newest and key in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=f"{label} (step {newest})", linewidth=1.2)
+        ax.set(
+            xlabel="post-hoc EMA length sigma_rel", ylabel=f"{key} (lower is better)", title=f"{key} against sigma_rel"
         )
     for ax in axes[0]:
         ax.grid(alpha=0.3)

@@ -80,8 +80,14 @@ def resolved_sampler(path: str, scheduler: str) -> dict:
 
 
 def checkpoint_step(path: str | Path) -> int | None:
+    """The training step of a checkpoint (its name) or of a post-hoc EMA export (its ema.json); else None."""
+    from ddpm.models.phema import reconstruction_settings
+
     name = Path(path).name
-    return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else None
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name.removeprefix("step-"))
+    posthoc = reconstruction_settings(Path(path))
+    return int(posthoc["step"]) if posthoc else None
 
 
 class Evaluator:

@@ -18,6 +18,7 @@ COLUMNS = [
     "cell",
     "model",
     "checkpoint_step",
+    "ema_length",
     "scheduler",
     "steps",
     "seed",
@@ -36,7 +37,7 @@ COLUMNS = [
 
 def write_results(out: Path, title: str, metric: str, rows: list[dict]) -> dict[str, Path]:
     """results.csv, results.json and plot.png in `out`; returns their paths."""
-    columns = [c for c in COLUMNS[:8] + metric_columns(metric) + COLUMNS[8:] if any(c in r for r in rows)]
+    columns = [c for c in COLUMNS[:9] + metric_columns(metric) + COLUMNS[9:] if any(c in r for r in rows)]
     tmp = out / f".results.csv.{unique_suffix()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -124,13 +125,17 @@ def plot_history(metric: str, num_images: int, runs: dict[str, list[dict]], path
         return False
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharey=True)
     for ax, (name, rows) in zip(axes[0], runs.items()):
-        for sampler in dict.fromkeys((r["scheduler"], r["steps"]) for r in rows):
+        # a line per sampler, step count and post-hoc EMA length (none: the run's own EMA)
+        for sampler in dict.fromkeys((r["scheduler"], r["steps"], r.get("ema_length")) for r in rows):
             points: dict[int, list[float]] = {}
             for r in rows:
-                if (r["scheduler"], r["steps"]) == sampler:
+                if (r["scheduler"], r["steps"], r.get("ema_length")) == sampler:
                     points.setdefault(r["step"], []).append(r[key])
             xs = sorted(points)
-            ax.plot(xs, [float(np.mean(points[x])) for x in xs], marker="o", label=f"{sampler[0]} {sampler[1]} steps")
+            ema = f", sigma_rel {sampler[2]:g}" if sampler[2] is not None else ""
+            ax.plot(
+                xs, [float(np.mean(points[x])) for x in xs], marker="o", label=f"{sampler[0]} {sampler[1]} steps{ema}"
+            )
         ax.set(xlabel="training step", title=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

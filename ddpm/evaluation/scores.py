@@ -101,12 +101,13 @@ def read_scores(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def model_step(model: str | Path) -> int | None:
-    """The training step of a run's checkpoint (its name) or of its exported pipeline (summary.json); None for a
-    model outside a run directory."""
+    """The training step of a run's checkpoint (its name), of a post-hoc EMA export (ema.json) or of its exported
+    pipeline (summary.json); None for a model outside a run directory."""
     from ddpm.evaluation.evaluate import checkpoint_step
+    from ddpm.models.export import run_dir_of
 
     model = Path(model)
-    run_dir = model.parent.parent if model.parent.name == "checkpoints" else model.parent
+    run_dir = run_dir_of(model)
     if not (run_dir / "config.yaml").is_file():
         return None
     if (step := checkpoint_step(model)) is not None:

@@ -1,5 +1,6 @@
 """Sampling sweeps: the grid of models x schedulers x step counts x seeds (x prompts x guidance scales for
-text-to-image pipelines), one cell at a time.
+text-to-image pipelines; x post-hoc EMA lengths for runs with EMA snapshots), one cell at a time. Long because
+it holds the whole grid, config to plan, in one place: its keys, their checks, and how models become cells.
 
 A sweep lives in `<out_dir>/<name>/`:
     plan.json                        the cells, in order, with the models resolved to directories
@@ -56,6 +57,8 @@ class SweepConfig:
     prompts: tuple[str, ...] = ()  # text-to-image models: a cell per prompt (unconditional models ignore them)
     guidance_scales: tuple[float, ...] = (7.5,)  # text-to-image models: classifier-free guidance, a cell per scale
     negative_prompt: str = ""  # text-to-image models: the negative prompt of every cell
+    ema_lengths: tuple[float, ...] = ()  # post-hoc EMA sigma_rels: each model of a run with EMA snapshots is also
+    # swept as its reconstruction at each (`ddpm ema`, at the newest snapshot up to its step), a model each
     num_images: int = 1000  # images per cell; part of every reported figure
     batch_size: int = 128  # images per forward pass
     grid_images: int = 64  # the first n images of a cell form its grid
@@ -165,6 +168,8 @@ def validate_sweep(cfg: SweepConfig) -> None:
         cfg.metric == "none" or cfg.num_images >= 2, f"num_images: FID/KID need at least 2 images, got {cfg.num_images}"
     )
     need(all(p.strip() for p in cfg.prompts), "prompts: an empty prompt")
+    for sigma_rel in cfg.ema_lengths:
+        need(0 < sigma_rel < 0.289, f"ema_lengths: {sigma_rel} is not in (0, 0.289)")
     need(
         bool(cfg.guidance_scales) and all(g >= 0 for g in cfg.guidance_scales),
         f"guidance_scales: need at least one non-negative value, got {list(cfg.guidance_scales)}",
@@ -189,6 +194,7 @@ class Cell:
     prompt: str | None = None  # text-to-image cells only
     prompt_index: int = 0
     guidance: float | None = None
+    ema_length: float | None = None  # the sigma_rel of a post-hoc EMA model; None: the model's own weights
 
     @property
     def id(self) -> str:
@@ -235,11 +241,31 @@ def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
                 f"models: {out[label]} and {path} would share the cell folder {label}; sweep them separately"
             )
         out[label] = str(path)  # the same model listed twice is swept once
-    return list(out.items())
+    return [*out.items(), *posthoc_models(out.items(), cfg.ema_lengths)]
+
+
+def posthoc_models(models, ema_lengths: tuple[float, ...]) -> list[tuple[str, str]]:
+    """(label, directory) of the post-hoc EMA reconstructions of every model in a run with EMA snapshots: at the
+    newest snapshot up to the model's step, each sigma_rel exported once into the run (ddpm.models.phema) and
+    reused while its snapshots are the same, so a resumed or a nightly sweep samples the same files."""
+    from ddpm.evaluation.scores import model_step
+    from ddpm.models.export import run_dir_of
+    from ddpm.models.phema import export_reconstruction, list_snapshots, snapshot_dir
+
+    found: dict[str, str] = {}
+    for _, path in models if ema_lengths else ():
+        run_dir, step = run_dir_of(path), model_step(path)
+        at = [s.step for s in list_snapshots(snapshot_dir(run_dir)) if step is not None and s.step <= step]
+        for sigma_rel in ema_lengths if at else ():
+            label = f"{run_dir.name}/ema-step-{max(at):08d}-sigma_rel-{sigma_rel:g}"
+            if label not in found:
+                found[label] = str(export_reconstruction(run_dir, sigma_rel, max(at)).resolve())
+    return list(found.items())
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
     from ddpm.models.export import run_dir_of
+    from ddpm.models.phema import reconstruction_settings
     from ddpm.sampling.pretrained import saved_takes_prompt
 
     cells = []
@@ -255,8 +281,9 @@ def make_plan(cfg: SweepConfig) -> list[Cell]:
         variants = (
             [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales] if text else [(None, 0, None)]
         )
+        ema_length = (reconstruction_settings(path) or {}).get("sigma_rel")
         cells += [
-            Cell(label, path, sch, steps, seed, prompt, j, g)
+            Cell(label, path, sch, steps, seed, prompt, j, g, ema_length)
             for sch in cfg.schedulers
             for steps in cfg.steps
             for seed in cfg.seeds

@@ -48,6 +48,7 @@ def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
         "reference_images_asked": cfg.reference_images,
         "precision_setting": cfg.precision,
         **text,
+        **({"ema_length": cell.ema_length} if cell.ema_length is not None else {}),
     }
 
 
@@ -64,7 +65,8 @@ def finished_row(cfg: SweepConfig, cell: Cell) -> dict | None:
 # The settings that make a score of another sweep this cell's score (the cell's name and the model's label and
 # path aside: the same weights give the same images wherever they are).
 REUSED_SETTINGS = ("model_fingerprint", "scheduler", "sampler", "steps", "seed", "num_images", "metric", "reference",
-                   "reference_images_asked", "precision_setting", "prompt", "guidance", "negative_prompt")  # fmt: skip
+                   "reference_images_asked", "precision_setting", "prompt", "guidance", "negative_prompt",
+                   "ema_length")  # fmt: skip
 
 
 def scored_before(cfg: SweepConfig, cell: Cell) -> dict | None:

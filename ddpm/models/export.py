@@ -66,9 +66,10 @@ def pipeline_from_checkpoint(ckpt_dir: Path) -> DDPMPipeline:
 
 
 def run_dir_of(model: str | Path) -> Path:
-    """The run directory a pipeline (<run>/pipeline) or a checkpoint (<run>/checkpoints/step-N) belongs to."""
+    """The run directory a pipeline (<run>/pipeline), a checkpoint (<run>/checkpoints/step-N) or a post-hoc EMA
+    export (<run>/ema-reconstructions/step-N-sigma_rel-S, ddpm.models.phema) belongs to."""
     path = Path(model)
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path.parent.parent if path.parent.name in ("checkpoints", "ema-reconstructions") else path.parent
 
 
 def load_pipeline(path: str | Path) -> DDPMPipeline:

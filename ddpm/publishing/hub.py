@@ -20,6 +20,7 @@ from ddpm.evaluation.evaluate import SEED_STRIDE
 from ddpm.evaluation.metrics import METRICS
 from ddpm.evaluation.scores import best_score, headline, measurement, read_scores
 from ddpm.models.export import run_dir_of
+from ddpm.models.phema import reconstruction_settings
 from ddpm.sampling.sample import sampler_recipe
 
 
@@ -82,7 +83,7 @@ def final_scores(run_dir: Path, final_step: int | None) -> list[dict]:
     """One score per metric of the run's final weights: the one from the most images, then the lowest."""
     chosen: dict[str, dict] = {}
     for row in read_scores(run_dir):
-        if row["step"] != final_step or headline(row["metric"]) not in row:
+        if row["step"] != final_step or headline(row["metric"]) not in row or "ema_length" in row:  # other weights
             continue
         old = chosen.get(row["metric"])
         rank = (-row["num_images"], row[headline(row["metric"])])
@@ -112,7 +113,8 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         "hf": f"the Hugging Face dataset `{data.get('path', '')}`",
     }.get(data.get("source", ""), "unknown data")
     # Scores of the published weights (the final EMA: the run's last step), in the Hub's model-index format.
-    published = final_scores(run_dir, summary.get("steps"))
+    # (a post-hoc EMA export has none of its own there: the run's scores are of other weights)
+    published = [] if reconstruction_settings(pipeline) else final_scores(run_dir, summary.get("steps"))
     meta = ModelCardData(
         model_name=repo_id.split("/")[-1],
         eval_results=[
@@ -174,11 +176,17 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         f"- noise schedule: {scheduler.get('beta_schedule')}, {scheduler.get('num_train_timesteps')} steps, "
         f"{scheduler.get('prediction_type')} prediction",
     ]
+    posthoc = reconstruction_settings(pipeline)  # a `ddpm ema` export: its weights are not the classic EMA
     if cfg:
         t, o = cfg.get("train", {}), cfg.get("optim", {})
+        ema = (
+            f"post-hoc EMA, sigma_rel {posthoc['sigma_rel']:g} at step {posthoc['step']} (Karras et al. 2024)"
+            if posthoc
+            else f"EMA decay up to {o.get('ema_decay')}"
+        )
         lines += [
             f"- batch size {t.get('batch_size')} x accumulation {t.get('grad_accum')}, AdamW lr {o.get('lr')}, "
-            f"EMA decay up to {o.get('ema_decay')}, precision {t.get('mixed_precision')}"
+            f"{ema}, precision {t.get('mixed_precision')}, loss weighting {o.get('loss_weighting', 'none')}"
         ]
     if published:
         lines += [
@@ -194,7 +202,7 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
                     f"| {METRIC_NAMES[key]} | {row[key]:.4g} | {row['num_images']} | {row['scheduler']} | "
                     f"{row['steps']} | {row['reference_data']} |"
                 )
-    best = best_score(read_scores(run_dir))
+    best = best_score([r for r in read_scores(run_dir) if "ema_length" not in r])  # the run's own EMA only
     final = next((r for r in published if best and r["metric"] == best["metric"]), None)
     if (
         best

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -43,6 +42,7 @@ from ddpm.training.setup import (
     open_tracker,
     resume,
     setup_optimizer,
+    setup_profiles,
     start_accelerator,
 )
 from ddpm.training.state import TrainingState, save_training_state
@@ -123,15 +123,16 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # see to_model_input
     unet, sample_unet = build_networks(cfg.model, cfg.data, t, cfg.seed, accelerator, memory_format)
     scheduler = build_scheduler(cfg.schedule)
-    noise = NoiseProcess(scheduler, device)
+    noise = NoiseProcess(scheduler, device, o.loss_weighting, o.snr_gamma)
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
 
-    # Setup optimizer (and the EMA of the weights it updates).
+    # Setup optimizer (and the EMA of the weights it updates, and post-hoc EMA's profiles).
     model, optimizer, ema = setup_optimizer(unet, o, t.compile, accelerator)
+    profiles = setup_profiles(unet, o, t, run_dir, accelerator, total)
 
     # Resume training from the newest complete checkpoint, if there is one; then the tracker and the evaluator.
     ckpt_dir = run_dir / "checkpoints"
-    state = TrainingState(unet, ema, optimizer, accelerator.scaler, generator, architecture(unet))
+    state = TrainingState(unet, ema, optimizer, accelerator.scaler, generator, architecture(unet), profiles)
     resumed = resume(state, ckpt_dir, o, t.batch_size, accelerator)
     step, epoch, batch = (resumed["step"], resumed["epoch"], resumed["batch"]) if resumed else (0, 0, 0)
     if resumed and is_main:
@@ -183,7 +184,7 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
                 timesteps = noise.sample_timesteps(x0.shape[0], device, generator)
                 with accelerator.accumulate(model), attention():
                     pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
-                    loss = F.mse_loss(pred.float(), noise.target(x0, eps, timesteps))
+                    loss = noise.loss(pred, x0, eps, timesteps)
                     accelerator.backward(loss)
                 watchdog.add_loss(loss)
 
@@ -202,12 +203,14 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
             # Update EMA (only here, on real optimizer steps; a skipped step leaves it as it is).
             ema.update(unet.parameters(), skipped=skipped)
+            profiles.update(unet.parameters(), skipped=skipped)
 
             # Update state: one more optimizer step, and the next position to read.
             step += 1
             window_steps += 1
             bar.update(1)
             epoch, batch = (epoch, batch + 1) if batch + 1 < data.batches_per_epoch else (epoch + 1, 0)
+            profiles.snapshot(step, total)  # the EMA profiles' snapshot, before a stop or a rollback can leave the step
 
             # Print status: the only host sync, every log_every steps; a stop request is counted there, on all ranks.
             if step % t.log_every == 0 or step == total:

@@ -219,6 +219,8 @@ def roll_back(
     state.unet.load_state_dict({k: v.to(device) for k, v in initial.items()})
     state.ema.shadow = [p.detach().clone() for p in state.unet.parameters()]
     state.ema.steps = 0
+    if state.profiles is not None:
+        state.profiles.reset(state.unet.parameters(), 0)
     state.optimizer.state.clear()  # AdamW's moments start again from the first step, as in a fresh run
     return 0
 

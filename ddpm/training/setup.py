@@ -3,6 +3,7 @@ then the tracker and the in-training evaluator. Each is called once, from the to
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -25,11 +26,14 @@ from ddpm.evaluation.evaluate import TrainingEvaluator
 from ddpm.evaluation.metrics import METRICS
 from ddpm.evaluation.scores import drop_training_scores_after, read_scores
 from ddpm.files import write_json
+from ddpm.models.phema import snapshot_dir
 from ddpm.models.unet import build_unet
 from ddpm.tracking import Tracker, run_metadata
 from ddpm.training.communication import ddp_settings
-from ddpm.training.ema import EMA
+from ddpm.training.ema import EMA, PowerEMAProfiles
 from ddpm.training.state import TrainingState, restore_training_state
+
+log = logging.getLogger(__name__)
 
 
 def start_accelerator(t: TrainConfig) -> Accelerator:
@@ -142,6 +146,25 @@ def setup_optimizer(
     model = torch.compile(unet) if compile else unet
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, ema
+
+
+def setup_profiles(
+    unet: UNet2DModel, o: OptimConfig, t: TrainConfig, run_dir: Path, accelerator: Accelerator, total: int
+) -> PowerEMAProfiles:
+    """Post-hoc EMA's power-function profiles (none when optim.ema_profiles is empty), their snapshots' disk cost
+    said once at the start."""
+    profiles = PowerEMAProfiles(
+        unet.named_parameters(),
+        o.ema_profiles,
+        snapshot_dir(run_dir),
+        t.ema_snapshot_every,
+        t.ema_snapshot_dtype,
+        accelerator.is_main_process,
+    )
+    cost = profiles.describe(sum(p.numel() for p in unet.parameters()), total)
+    if cost and accelerator.is_main_process:
+        log.info("%s", cost)
+    return profiles
 
 
 def resume(
