@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 
 from ddpm.data.batches import BatchLoader, BatchOrder, to_model_input
 from ddpm.data.cache import open_cache
@@ -190,6 +191,11 @@ def test_resume_restores_its_own_checkpoint_without_the_base(tiny, tiny_run, tmp
     resumed = load(None, overrides)
     assert resumed.model == cfg.model and resumed.schedule == cfg.schedule
     assert train(resumed) == cfg.run_dir / "pipeline"
+    straight = load(None, finetune(tiny, tiny_run / "pipeline", "train.max_steps=4", name="straight"))
+    train(straight)
+    for name in ("unet", "ema"):  # 2 steps + resume + 2 steps == 4 steps straight
+        a, b = (load_file(r.run_dir / "checkpoints" / "step-00000004" / f"{name}.safetensors") for r in (cfg, straight))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     other = cli("train", "--dry-run", *finetune(tiny, tiny_run / "pipeline", "train.max_steps=4"))
     assert other.returncode == 2 and "was started from" in other.stderr.strip().splitlines()[-1]
 

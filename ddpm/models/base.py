@@ -69,10 +69,11 @@ def split_init_from(init_from: str, revision: str = "") -> tuple[str, str]:
     return repo_id, at or revision
 
 
-def resolve_base(init_from: str, revision: str = "", expect_hash: str = "") -> Base:
+def resolve_base(init_from: str, revision: str = "", expect_hash: str = "", weights: bool = False) -> Base:
     """The base `init_from` names, read without loading its weights. A Hub id is fetched into (or, offline, read
-    from) the Hugging Face cache: only model_index.json, unet/ and scheduler/. expect_hash: the hash a run recorded;
-    a Hub id is then fetched at that commit, and a local base whose weights changed is a one-line error."""
+    from) the Hugging Face cache: model_index.json and the unet's and scheduler's configs, and with `weights` the
+    unet's weights too. expect_hash: the hash a run recorded; a Hub id is then fetched at that commit, and a local
+    base whose weights changed is a one-line error."""
     source, revision = split_init_from(init_from, revision)
     if Path(source).is_dir() and (Path(source) / "manifest.json").is_file():
         base = _checkpoint_base(Path(source))
@@ -83,7 +84,7 @@ def resolve_base(init_from: str, revision: str = "", expect_hash: str = "") -> B
     elif Path(source).is_absolute():
         raise ConfigError(f"model.init_from={init_from!r}: no such directory")
     else:
-        snapshot = _fetch(source, expect_hash or revision)
+        snapshot = _fetch(source, expect_hash or revision, weights)
         base = _pipeline_base(snapshot, "hub", source, lambda unet_dir: snapshot.name)
     if expect_hash and base.hash != expect_hash:
         raise ConfigError(
@@ -93,9 +94,10 @@ def resolve_base(init_from: str, revision: str = "", expect_hash: str = "") -> B
     return base
 
 
-def _fetch(repo_id: str, revision: str) -> Path:
+def _fetch(repo_id: str, revision: str, weights: bool) -> Path:
     """The snapshot of the pipeline's files in the Hugging Face cache, after checking (from model_index.json
-    alone) that it is a UNet2DModel pipeline, so a text-to-image model is refused before its weights download."""
+    alone) that it is a UNet2DModel pipeline, so a text-to-image model is refused before anything else downloads.
+    Without `weights` only the JSON configs: a launch (or --dry-run) resolves its config without the weights."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
@@ -103,7 +105,9 @@ def _fetch(repo_id: str, revision: str) -> Path:
         _check_index(Path(index), repo_id)
         return Path(
             snapshot_download(
-                repo_id, revision=revision or None, allow_patterns=["model_index.json", "unet/*", "scheduler/*"]
+                repo_id,
+                revision=revision or None,
+                allow_patterns=["model_index.json", "scheduler/*", "unet/*" if weights else "unet/config.json"],
             )
         )
     except ConfigError:
@@ -269,7 +273,7 @@ def load_base_weights(model: ModelConfig) -> dict[str, torch.Tensor]:
     the EMA weights of a checkpoint."""
     from diffusers import UNet2DModel
 
-    base = resolve_base(model.init_from, model.init_revision, expect_hash=model.init_hash)
+    base = resolve_base(model.init_from, model.init_revision, expect_hash=model.init_hash, weights=True)
     if base.kind == "checkpoint":
         from safetensors.torch import load_file
 
