@@ -225,3 +225,14 @@ def test_a_base_with_an_inexpressible_schedule_or_channels_is_refused(tiny, tmp_
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "latent")
     with pytest.raises(ConfigError, match="takes 4 and predicts 4 channels"):
         base_values(resolve_base(str(tmp_path / "latent")))
+
+
+def test_the_glyphs_of_the_fine_tuning_measurement_are_the_same_for_the_same_seed(tmp_path):
+    from PIL import Image
+
+    from bench.glyphs import render_glyphs
+
+    a, b = render_glyphs(tmp_path / "a", count=3, seed=1), render_glyphs(tmp_path / "b", count=3, seed=1)
+    images = [np.asarray(Image.open(p)) for p in a]
+    assert all(im.shape == (16, 16) and im.min() < 100 < 200 < im.max() for im in images)  # dark letter, light ground
+    assert all(np.array_equal(x, np.asarray(Image.open(y))) for x, y in zip(images, b))
