@@ -74,3 +74,28 @@ def test_every_unet_argument_builds_what_it_says():
     assert unet.mid_block is None and unet.config.act_fn == "mish"
     assert type(unet.down_blocks[1].downsamplers[0]).__name__ == "ResnetBlock2D"  # AttnDownBlock2D honours it
     assert unet.config.resnet_time_scale_shift == "scale_shift"
+
+
+def test_fine_tuning_google_s_cifar10_model_takes_the_recipe_s_network_and_schedule():
+    """model.init_from=google/ddpm-cifar10-32 reads these two files: the run's model and schedule are the recipe's."""
+    from pathlib import Path
+
+    from ddpm.models.base import Base, apply_base, base_values
+    from ddpm.typed_config import build_config
+    from jobs.train import TrainJobConfig
+
+    base = Base(
+        "google/ddpm-cifar10-32",
+        "hub",
+        Path("."),
+        json.loads((PUBLISHED / "config.json").read_text()),
+        json.loads((PUBLISHED / "scheduler_config.json").read_text()),
+        "c" * 40,
+    )
+    tree = {"model": {"init_from": "google/ddpm-cifar10-32"}, "data": {"source": "hf", "path": "uoft-cs/cifar10"}}
+    cfg = build_config(TrainJobConfig, apply_base(tree, base_values(base), base.source))
+    recipe = load_config(ROOT / "configs" / "ddpm-cifar10.yaml")
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim", "norm_eps",
+                "flip_sin_to_cos", "freq_shift", "downsample_padding", "layers_per_block"):  # fmt: skip
+        assert getattr(cfg.model, key) == getattr(recipe.model, key), key
+    assert cfg.schedule == recipe.schedule and (cfg.data.resolution, cfg.data.channels) == (32, 3)
