@@ -4,6 +4,9 @@ Precedence: command line > YAML > the defaults below. An unknown key, a wrong ty
 out-of-range value raises ConfigError naming the key before any work starts. The dataclass
 defaults are the default run: the embedded digits dataset at 16 px, small enough to train
 to recognisable samples on a 2-core CPU in minutes.
+
+Long because it is the one place every key of a run is written, with its comment and its validation: the model
+section alone is every argument of diffusers' UNet2DModel, so that a published architecture can be written down.
 """
 
 from __future__ import annotations
@@ -78,13 +81,37 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # A pretrained UNet to start from (ddpm.models.base): its weights, its architecture (the keys below, which
+    # then default to the base's and may only repeat them), its noise schedule and its sample_size as the default
+    # data.resolution. "" starts from random weights.
+    init_from: str = ""  # Hub id (owner/name or owner/name@revision), a pipeline directory, or a run's checkpoint
+    init_revision: str = ""  # Hub branch, tag or commit of init_from; "" is main (or the @revision in init_from)
+    init_hash: str = ""  # recorded at launch: the base's Hub commit, or the SHA-256 of its weights; given, must match
+    # The rest are diffusers' UNet2DModel arguments under their own names and with its defaults, but for the first
+    # six, which are this project's default model (1.7 M parameters at 16 px).
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per level; all levels but the last halve the size
     down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")  # input side
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")  # output side
     layers_per_block: int = 2  # ResNet layers per UNet block
-    attention_head_dim: int = 8  # channels per attention head
+    attention_head_dim: int | None = 8  # channels per attention head; null: one head over all channels (Ho et al.)
     norm_num_groups: int = 32  # GroupNorm groups; must divide every entry of block_out_channels
-    dropout: float = 0.0  # dropout in the ResNet blocks
+    dropout: float = 0.0  # dropout in the ResNet blocks (a training setting: may differ from init_from's)
+    mid_block_type: Literal["UNetMidBlock2D"] | None = "UNetMidBlock2D"  # null: no middle block (ResNets+attention)
+    add_attention: bool = True  # attention in the middle block
+    attn_norm_num_groups: int | None = None  # GroupNorm groups of the middle block's attention; null: see diffusers
+    norm_eps: float = 1e-5  # GroupNorm epsilon (Google's DDPM checkpoints: 1e-6, as the TensorFlow original)
+    act_fn: Literal["silu", "swish", "mish", "gelu", "relu"] = "silu"  # activation in the ResNet blocks
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"  # scale_shift: FiLM (iDDPM, ADM)
+    time_embedding_type: Literal["positional", "fourier", "learned"] = "positional"  # how t becomes a vector
+    time_embedding_dim: int | None = None  # width of the time embedding; null: 4 x block_out_channels[0]
+    flip_sin_to_cos: bool = True  # cos before sin in the sinusoidal embedding (Google's DDPM: false)
+    freq_shift: int = 0  # frequency shift of the sinusoidal embedding (Google's DDPM: 1)
+    center_input_sample: bool = False  # rescale the input x to 2x - 1 inside the model
+    mid_block_scale_factor: float = 1.0  # output scale of the middle block's ResNets
+    downsample_padding: int = 1  # padding of the downsampling convolutions (Google's DDPM: 0, padded asymmetrically)
+    downsample_type: Literal["conv", "resnet"] = "conv"  # downsampling by strided convolution or a ResNet block (ADM)
+    upsample_type: Literal["conv", "resnet"] = "conv"  # upsampling by interpolation + convolution or a ResNet block
+    class_embed_type: Literal["timestep", "identity"] | None = None  # embedding of class labels added to the time
 
 
 @dataclass
@@ -94,6 +121,8 @@ class ScheduleConfig:
     beta_start: float = 0.0001  # first beta (linear schedules only)
     beta_end: float = 0.02  # last beta (linear schedules only)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet predicts: the noise, or v
+    variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small"  # DDPM sampling: beta-tilde, or beta
+    clip_sample: bool = True  # DDPM sampling clips the predicted x_0 to [-1, 1]
 
 
 @dataclass
@@ -208,6 +237,35 @@ DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "Att
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpsampleBlock2D")
 
 
+def _validate_unet_extras(m: ModelConfig) -> None:
+    """The UNet2DModel arguments beyond the shape of the levels: what diffusers would reject later, or silently
+    build into something else, stopped here naming the key."""
+    groups = m.attn_norm_num_groups
+    need_mid = m.mid_block_type is not None and m.add_attention and groups is not None
+    if need_mid and (groups < 1 or m.block_out_channels[-1] % groups):
+        raise ConfigError(
+            f"model.attn_norm_num_groups={groups} does not divide the middle block's "
+            f"{m.block_out_channels[-1]} channels"
+        )
+    if m.norm_eps <= 0:
+        raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
+    if m.time_embedding_dim is not None and m.time_embedding_dim < 1:
+        raise ConfigError(f"model.time_embedding_dim must be positive or null, got {m.time_embedding_dim}")
+    if m.downsample_padding < 0:
+        raise ConfigError(f"model.downsample_padding must be non-negative, got {m.downsample_padding}")
+    if m.mid_block_scale_factor <= 0:
+        raise ConfigError(f"model.mid_block_scale_factor must be positive, got {m.mid_block_scale_factor}")
+    # A class embedding needs class labels at every call; a run has them only when the model is class-conditional
+    # (model.num_classes, which the class-conditional training adds; absent, the model is unconditional).
+    if m.class_embed_type is not None and not getattr(m, "num_classes", 0):
+        raise ConfigError(
+            f"model.class_embed_type={m.class_embed_type!r} embeds class labels, but the model is unconditional "
+            "(no class labels to embed)"
+        )
+    if m.init_revision and not m.init_from:
+        raise ConfigError(f"model.init_revision={m.init_revision!r} needs model.init_from (the Hub id it revises)")
+
+
 def validate_config(cfg: Config) -> None:
     """Range and consistency checks that the types alone cannot express."""
 
@@ -246,14 +304,16 @@ def validate_config(cfg: Config) -> None:
         f"the UNet's downsampling factor ({levels} levels)",
     )
     need(m.layers_per_block >= 1, f"model.layers_per_block must be at least 1, got {m.layers_per_block}")
-    need(m.attention_head_dim >= 1, f"model.attention_head_dim must be positive, got {m.attention_head_dim}")
+    heads = m.attention_head_dim
+    need(heads is None or heads >= 1, f"model.attention_head_dim must be positive or null, got {heads}")
     for c, name in zip(m.block_out_channels, m.down_block_types):
         need(
-            "Attn" not in name or m.attention_head_dim <= c,
+            "Attn" not in name or heads is None or heads <= c,
             f"model.attention_head_dim={m.attention_head_dim} exceeds the {c} channels of an attention level "
             "(no head would fit)",
         )
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _validate_unet_extras(m)
     need(s.num_train_timesteps >= 2, f"schedule.num_train_timesteps must be at least 2, got {s.num_train_timesteps}")
     need(
         0 < s.beta_start < s.beta_end < 1,

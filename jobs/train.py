@@ -29,7 +29,12 @@ CONFIG = TrainJobConfig
 
 
 def load(path: str | None, overrides: list[str] = (), values: dict | None = None) -> TrainJobConfig:
-    cfg = build_config(TrainJobConfig, read_tree(path, overrides, values))
+    tree = read_tree(path, overrides, values)
+    cfg = build_config(TrainJobConfig, tree)
+    if cfg.model.init_from:  # the base's config is the model (ddpm.models.base); no weights are loaded here
+        from ddpm.models.base import resolve_init
+
+        cfg = build_config(TrainJobConfig, resolve_init(tree, cfg.run_dir))
     validate_config(cfg)
     return cfg
 

@@ -50,7 +50,7 @@ def pipeline_from_checkpoint(ckpt_dir: Path) -> DDPMPipeline:
             f"checkpoint {ckpt_dir}: no {run_config} beside it (checkpoints are read inside their run directory)"
         )
     cfg = load_config(run_config)
-    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.image_channels)
+    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.image_channels, cfg.schedule.num_train_timesteps)
     state = json.loads((ckpt_dir / "state.json").read_text())
     if state.get("architecture") not in (None, architecture(unet)):
         raise UserError(f"checkpoint {ckpt_dir}: its architecture differs from {run_config}")

@@ -16,6 +16,8 @@ def build_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
+        variance_type=cfg.variance_type,
+        clip_sample=cfg.clip_sample,
     )
 
 

@@ -115,6 +115,9 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     # Scores of the published weights (the final EMA: the run's last step), in the Hub's model-index format.
     # (a post-hoc EMA export has none of its own there: the run's scores are of other weights)
     published = [] if reconstruction_settings(pipeline) else final_scores(run_dir, summary.get("steps"))
+    base = {k: v for k, v in cfg.get("model", {}).items() if k.startswith("init_")} if cfg else {}
+    base = base if base.get("init_from") else {}
+    base_is_hub = bool(base) and not Path(base["init_from"]).is_absolute()  # ddpm.models.base records paths absolute
     meta = ModelCardData(
         model_name=repo_id.split("/")[-1],
         eval_results=[
@@ -137,6 +140,7 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         pipeline_tag="unconditional-image-generation",
         tags=["pytorch", "diffusers", "unconditional-image-generation", "ddpm"],
         datasets=[data["path"]] if data.get("source") == "hf" else None,
+        base_model=base["init_from"] if base and base_is_hub else None,  # the Hub links the two models
     )
     lines = [
         "---",
@@ -149,6 +153,14 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         f"trained on {dataset}.",
         "",
     ]
+    if base_is_hub:
+        lines += [
+            f"Fine-tuned from [{base['init_from']}](https://huggingface.co/{base['init_from']}) "
+            f"at commit `{base['init_hash']}`.",
+            "",
+        ]
+    elif base:
+        lines += [f"Fine-tuned from `{base['init_from']}` (UNet weights SHA-256 `{base['init_hash']}`).", ""]
     if final_grid(run_dir):
         t = cfg.get("train", {})
         lines += [

@@ -44,6 +44,7 @@ from ddpm.training.setup import (
     setup_optimizer,
     setup_profiles,
     start_accelerator,
+    start_from_base,
 )
 from ddpm.training.state import TrainingState, save_training_state
 
@@ -121,7 +122,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
 
     # Construct network, the noise it learns to remove and this rank's stream of noise, timesteps and flips.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # see to_model_input
-    unet, sample_unet = build_networks(cfg.model, cfg.data, t, cfg.seed, accelerator, memory_format)
+    unet, sample_unet = build_networks(
+        cfg.model, cfg.data, t, cfg.seed, accelerator, memory_format, cfg.schedule.num_train_timesteps
+    )
     scheduler = build_scheduler(cfg.schedule)
     noise = NoiseProcess(scheduler, device, o.loss_weighting, o.snr_gamma)
     generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
@@ -135,6 +138,8 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     state = TrainingState(unet, ema, optimizer, accelerator.scaler, generator, architecture(unet), profiles)
     resumed = resume(state, ckpt_dir, o, t.batch_size, accelerator)
     step, epoch, batch = (resumed["step"], resumed["epoch"], resumed["batch"]) if resumed else (0, 0, 0)
+    if not resumed and cfg.model.init_from:  # a fine-tuning run's first launch; a resume never reloads the base
+        start_from_base(unet, ema, cfg.model)
     if resumed and is_main:
         log.info("resuming %s from %s (step %d of %d)", run_dir, resumed["path"].name, step, total)
     tracker = open_tracker(

@@ -112,18 +112,21 @@ def build_networks(
     seed: int,
     accelerator: Accelerator,
     memory_format: torch.memory_format,
+    timesteps: int,
 ) -> tuple[UNet2DModel, UNet2DModel | None]:
     """The UNet to train, and the one the EMA weights are copied into for grids (main process) and evaluations
-    (every process; None where neither runs)."""
+    (every process; None where neither runs). timesteps: the schedule's T, the size of a "learned" time embedding."""
     device = accelerator.device
     # Same seed on every rank, so every rank starts from the same weights.
     torch.manual_seed(seed)
-    unet = build_unet(model, data.resolution, data.image_channels)
+    unet = build_unet(model, data.resolution, data.image_channels, timesteps)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device, memory_format=memory_format)
     needs_ema_unet = accelerator.is_main_process or t.eval_every > 0
-    sample_unet = build_unet(model, data.resolution, data.image_channels).to(device).eval() if needs_ema_unet else None
+    sample_unet = (
+        build_unet(model, data.resolution, data.image_channels, timesteps).to(device).eval() if needs_ema_unet else None
+    )
     # From here the global RNG (dropout) differs per rank, and is saved and restored with the checkpoints.
     torch.manual_seed(int(np.random.SeedSequence([seed, accelerator.process_index, 1]).generate_state(1)[0]))
     return unet, sample_unet
@@ -179,6 +182,26 @@ def resume(
         for g in state.optimizer.param_groups:  # the config of this launch wins over the checkpoint's hyperparameters
             g.update(betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     return resumed
+
+
+def start_from_base(unet: UNet2DModel, ema: EMA, model: ModelConfig) -> None:
+    """A run with model.init_from and no checkpoint to resume: the base's weights into the UNet, and the EMA
+    starting from them (not from the random initialisation). Every rank loads the same weights."""
+    from ddpm.errors import UserError
+    from ddpm.models.base import load_base_weights
+
+    weights = load_base_weights(model)
+    params = dict(unet.named_parameters())
+    if set(params) - set(weights) == {"class_embedding.weight"} and unet.config.num_class_embeds:
+        # A class-conditional run from an unconditional base: the new class embedding starts at zero, so the
+        # first step computes exactly what the base did (ddpm.models.unet.add_class_embedding).
+        weights = {**weights, "class_embedding.weight": torch.zeros_like(params["class_embedding.weight"])}
+    if set(weights) - set(unet.state_dict()) or set(params) - set(weights):
+        raise UserError(f"model.init_from={model.init_from}: its weights do not fit the UNet of this config")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    ema.shadow = [p.detach().clone() for p in unet.parameters()]
 
 
 def open_tracker(cfg: Config, accelerator: Accelerator, step: int, **run: Any) -> Tracker:
