@@ -79,6 +79,17 @@ def resolved_sampler(path: str, scheduler: str) -> dict:
         return {}
 
 
+def class_accuracy(space, feats: np.ndarray, labels: list[int], class_names: list[str] | None) -> float | None:
+    """The fraction of generated images that the feature space's classifier assigns to the class they were asked
+    for: for the digits, FD-digitsnet's network, whose head was trained to classify them (metrics.DigitsNet). None
+    where the space has no classifier of these classes (Inception's ImageNet head does not know a model's classes)."""
+    import numpy as np
+
+    if not hasattr(space, "classify") or class_names != space.classes:
+        return None
+    return float(np.mean(space.classify(feats) == np.asarray(labels)))
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     name = Path(path).name
     return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else None
@@ -240,7 +251,9 @@ class TrainingEvaluator:
     gathered by seed, so the score is the one `ddpm evaluate --seed 0` gives for the same weights, whatever the
     number of processes. The reference statistics are computed once, by the main process."""
 
-    def __init__(self, data, num_images: int, reference_images: int, metric: str, accelerator) -> None:
+    def __init__(
+        self, data, num_images: int, reference_images: int, metric: str, accelerator, class_names=None
+    ) -> None:
         import dataclasses
 
         from accelerate.utils import broadcast_object_list
@@ -260,27 +273,46 @@ class TrainingEvaluator:
             self.space = feature_space(self.metric, data.resolution, accelerator.device)
         reference = dataclasses.replace(data, random_flip=False)
         self.reference, self.reference_data = None, describe_reference(reference)
+        self.class_names = class_names
         if accelerator.is_main_process:
             self.reference = reference_features(self.space, reference, reference_images, warn=False)
 
-    def __call__(self, unet, sampler, steps: int, batch_size: int, autocast_dtype) -> dict[str, Any] | None:
-        """The scores on the main process (None elsewhere); every process must call it at the same step."""
+    def __call__(
+        self, unet, sampler, steps: int, batch_size: int, autocast_dtype, guidance_scale: float = 1.0
+    ) -> dict[str, Any] | None:
+        """The scores on the main process (None elsewhere); every process must call it at the same step. A
+        class-conditional model is sampled class-balanced (seed k gets class k mod classes, as `ddpm evaluate`
+        does) with `guidance_scale`."""
         import numpy as np
         from accelerate.utils import gather_object
 
         from ddpm.evaluation.metrics import distances
+        from ddpm.models.unet import num_classes_of
+        from ddpm.sampling.guidance import round_robin
         from ddpm.sampling.sample import generate
 
         device = self.accelerator.device
         start = time.perf_counter()
-        images = generate(unet, sampler, self.mine, steps, batch_size, device, autocast_dtype)
+        n = num_classes_of(unet)
+        labels = round_robin(len(self.seeds), n) if n else None
+        mine = labels[self.accelerator.process_index :: self.accelerator.num_processes] if labels else None
+        images = generate(
+            unet, sampler, self.mine, steps, batch_size, device, autocast_dtype, False, mine, guidance_scale
+        )
         parts = gather_object([(self.mine, self.space(images))])
         if not self.accelerator.is_main_process:
             return None
         by_seed = {s: f for seeds, feats in parts for s, f in zip(seeds, feats)}
         generated = np.stack([by_seed[s] for s in self.seeds])
+        conditional = {}
+        if labels:
+            conditional = {"guidance_scale": guidance_scale, "labels": "balanced"}
+            accuracy = class_accuracy(self.space, generated, labels, self.class_names)
+            if accuracy is not None:
+                conditional["class_accuracy"] = accuracy
         return {
             **distances(self.metric, generated, self.reference),
+            **conditional,
             "precision": "bf16" if autocast_dtype is not None else "fp32",
             "metric": self.metric,
             "num_images": len(self.seeds),
