@@ -39,10 +39,12 @@ class Scoring:
 
 
 def is_ddpm(path: str | Path) -> bool:
-    """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub)."""
+    """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub) or as this project's
+    class-conditional export."""
+    from ddpm.models.export import CONDITIONAL_CLASS
     from ddpm.sampling.pretrained import pipeline_class
 
-    return pipeline_class(path) == "DDPMPipeline"
+    return pipeline_class(path) in ("DDPMPipeline", CONDITIONAL_CLASS)
 
 
 def model_fingerprint(path: str) -> str:
@@ -149,17 +151,27 @@ class Evaluator:
         seeds: list[int],
         prompt: str | None = None,
         guidance: float | None = None,
+        labels: tuple[str, ...] = (),
     ) -> np.ndarray:
-        """(N, H, W, 3) uint8 images of the model at `path`, one per seed."""
+        """(N, H, W, 3) uint8 images of the model at `path`, one per seed. A class-conditional model is sampled with
+        `labels` (ids or names) repeated over the seeds, by default class-balanced (image k of a cell gets class k
+        mod classes), guided with `guidance` (None: 1, the conditional model alone); the labels used are left in
+        `self.labels`."""
+        from ddpm.models.export import class_names_of
+        from ddpm.sampling.guidance import sampling_labels
         from ddpm.sampling.sample import generate, make_sampler
 
         pipe, trained = self._pipeline(path)
         sampler = make_sampler(scheduler, trained)
+        self.labels, self.class_names = None, None
         if is_ddpm(path):
-            p = self.placement
+            p, scale = self.placement, 1.0 if guidance is None else guidance
+            self.class_names = class_names_of(pipe)
+            self.labels = sampling_labels(pipe.unet, len(seeds), labels, self.class_names, scale, "labels")
             return generate(
-                pipe.unet, sampler, seeds, steps, self.scoring.batch_size, p.device, p.autocast_dtype, progress=True
-            )
+                pipe.unet, sampler, seeds, steps, self.scoring.batch_size, p.device, p.autocast_dtype, True,
+                self.labels, scale,
+            )  # fmt: skip
         import numpy as np
         from tqdm.auto import tqdm
 
@@ -188,6 +200,7 @@ class Evaluator:
         out_dir: Path,
         prompt: str | None = None,
         guidance: float | None = None,
+        labels: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Sample, write images/ and grid.png under `out_dir`, score; returns the figures (no settings)."""
         import torch
@@ -198,7 +211,7 @@ class Evaluator:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        images = self.sample(path, scheduler, steps, seeds, prompt, guidance)
+        images = self.sample(path, scheduler, steps, seeds, prompt, guidance, labels)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -209,12 +222,18 @@ class Evaluator:
             "precision": self.placement.precision,
             "checkpoint_step": checkpoint_step(path),
         }
+        if self.labels is not None:  # part of a class-conditional score's key (ddpm.evaluation.scores)
+            row.update(guidance_scale=1.0 if guidance is None else guidance, labels=",".join(labels) or "balanced")
         if self.scoring.metric != "none":
             from ddpm.evaluation.metrics import METRICS, distances
 
             resolution = images.shape[1]
             ref, described = self._reference_features(path, resolution)
             generated = self._spaces[resolution](images)
+            if self.labels is not None:
+                accuracy = class_accuracy(self._spaces[resolution], generated, self.labels, self.class_names)
+                if accuracy is not None:
+                    row["class_accuracy"] = accuracy
             row.update(
                 {
                     "reference_data": described,

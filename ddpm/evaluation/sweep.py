@@ -1,11 +1,12 @@
 """Sampling sweeps: the grid of models x schedulers x step counts x seeds (x prompts x guidance scales for
-text-to-image pipelines), one cell at a time.
+text-to-image pipelines, x guidance scales for class-conditional models), one cell at a time.
 
 A sweep lives in `<out_dir>/<name>/`:
     plan.json                        the cells, in order, with the models resolved to directories
-    cells/<model>/<scheduler>-<steps>steps-seed<seed>[-p<prompt>-g<guidance>]/
+    cells/<model>/<scheduler>-<steps>steps-seed<seed>[-p<prompt>-g<guidance> | -cfg<guidance>]/
         images/seed-*.png, grid.png, row.json   (row.json is written last: its presence means done)
     results.csv, results.json, plot.png          written when every cell is done (or by --merge)
+    guidance-plot.png                            class-conditional models: the score against the guidance scale
 
 A cell is skipped on a rerun when its row.json exists and was made with the same settings, so an
 interrupted sweep resumes, and a SLURM array runs shards `--shard i/n` (cells i, i+n, ...) into the
@@ -56,6 +57,9 @@ class SweepConfig:
     prompts: tuple[str, ...] = ()  # text-to-image models: a cell per prompt (unconditional models ignore them)
     guidance_scales: tuple[float, ...] = (7.5,)  # text-to-image models: classifier-free guidance, a cell per scale
     negative_prompt: str = ""  # text-to-image models: the negative prompt of every cell
+    # Class-conditional models (model.num_classes): samples class-balanced unless labels are given.
+    class_guidance_scales: tuple[float, ...] = (1.0,)  # class-conditional models: guidance, a cell per scale
+    labels: tuple[str, ...] = ()  # class-conditional models: class ids or names over the images; () round robin
     num_images: int = 1000  # images per cell; part of every reported figure
     batch_size: int = 128  # images per forward pass
     grid_images: int = 64  # the first n images of a cell form its grid
@@ -170,6 +174,10 @@ def validate_sweep(cfg: SweepConfig) -> None:
         f"guidance_scales: need at least one non-negative value, got {list(cfg.guidance_scales)}",
     )
     need(
+        bool(cfg.class_guidance_scales) and all(g >= 0 for g in cfg.class_guidance_scales),
+        f"class_guidance_scales: need at least one non-negative value, got {list(cfg.class_guidance_scales)}",
+    )
+    need(
         bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
         f"name: {cfg.name!r} is not a valid directory name",
     )
@@ -188,12 +196,13 @@ class Cell:
     seed: int
     prompt: str | None = None  # text-to-image cells only
     prompt_index: int = 0
-    guidance: float | None = None
+    guidance: float | None = None  # text-to-image and class-conditional cells
 
     @property
     def id(self) -> str:
         text = f"-p{self.prompt_index}-g{self.guidance:g}" if self.prompt is not None else ""
-        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}{text}"
+        classes = f"-cfg{self.guidance:g}" if self.prompt is None and self.guidance is not None else ""
+        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}{text}{classes}"
 
 
 def _label(path: Path) -> str:
@@ -239,7 +248,7 @@ def resolve_models(cfg: SweepConfig) -> list[tuple[str, str]]:
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
-    from ddpm.models.export import run_dir_of
+    from ddpm.models.export import run_dir_of, saved_num_classes
     from ddpm.sampling.pretrained import saved_takes_prompt
 
     cells = []
@@ -252,9 +261,12 @@ def make_plan(cfg: SweepConfig) -> list[Cell]:
         text = saved_takes_prompt(path)
         if text and not cfg.prompts:
             raise UserError(f"models: {label} is a text-to-image pipeline; give prompts: [...] in the sweep config")
-        variants = (
-            [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales] if text else [(None, 0, None)]
-        )
+        if text:
+            variants = [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales]
+        elif saved_num_classes(path):
+            variants = [(None, 0, g) for g in cfg.class_guidance_scales]
+        else:
+            variants = [(None, 0, None)]
         cells += [
             Cell(label, path, sch, steps, seed, prompt, j, g)
             for sch in cfg.schedulers

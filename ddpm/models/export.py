@@ -43,6 +43,22 @@ def class_names_of(pipeline) -> list[str] | None:
     return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
 
+def saved_num_classes(path: str | Path) -> int:
+    """The classes of the model saved at `path` (a pipeline's unet/config.json, or a checkpoint's run config), read
+    without loading weights; 0 for an unconditional model or one that cannot be read (loading then says why)."""
+    p = Path(path)
+    try:
+        if (p / "manifest.json").is_file():
+            from ddpm.config import load_config
+
+            n = load_config(p.parent.parent / "config.yaml").model.num_classes
+            return n if isinstance(n, int) else 0
+        embeds = json.loads((p / "unet" / "config.json").read_text()).get("num_class_embeds")
+        return embeds - 1 if embeds else 0
+    except (OSError, ValueError, UserError):
+        return 0
+
+
 def export_pipeline(pipeline: DiffusionPipeline, out_dir: Path) -> Path:
     """Save atomically: written beside the target, then swapped in, so a reader never sees half a pipeline. Weights
     that hold a NaN or inf are refused in one line, and the export already there stays."""

@@ -41,7 +41,7 @@ def round_robin(count: int, num_classes: int, first: int = 0) -> list[int]:
     return [(first + i) % num_classes for i in range(count)]
 
 
-def parse_labels(spec: tuple[str, ...] | list[str], class_names: list[str], what: str = "--labels") -> list[int]:
+def parse_labels(spec: tuple[str, ...] | list[str], class_names: list[str], what: str = "--label") -> list[int]:
     """Class indices from ids or names ("3", "cat"); a name wins over an id that reads the same. One-line errors
     name the culprit and the valid choices."""
     index = {name: i for i, name in enumerate(class_names)}
@@ -68,7 +68,7 @@ def sampling_labels(
     spec: tuple[str, ...] | list[str],
     class_names: list[str] | None,
     scale: float,
-    what: str = "--labels",
+    what: str = "--label",
 ) -> list[int] | None:
     """The label of each of `count` images: the given ones repeated over the images, by default round robin over
     the classes; None for an unconditional model, which refuses labels and guidance in one line."""
