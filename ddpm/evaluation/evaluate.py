@@ -1,5 +1,9 @@
 """Scoring one model: sample N images with a sampler and fixed seeds, then measure them against a reference.
 
+Long because its three callers must agree, and one file shows that they do: `ddpm evaluate` and every sweep cell
+(Evaluator) and the in-training evaluation over every process (TrainingEvaluator) sample with the same seeds, the
+same class-balanced labels and the same metric code.
+
 This is the building block that `ddpm evaluate`, every cell of a sweep and any later in-training
 evaluation call. DDPM pipelines and ddpm checkpoints run on ddpm.sampling.sample's loop; any other diffusers
 pipeline (text-to-image, ...) through its own __call__. The metrics themselves are ddpm.evaluation.metrics.
