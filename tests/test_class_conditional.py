@@ -64,6 +64,29 @@ def test_digits_cache_carries_the_ten_digit_labels_under_its_own_key(tmp_path):
     assert np.array_equal(labelled.take(np.arange(5)), plain.take(np.arange(5)))
 
 
+def test_a_split_build_and_the_batch_order_carry_the_labels(tmp_path):
+    from ddpm.data.batches import BatchLoader, BatchOrder
+    from ddpm.data.cache import build_parts, finish_build, load_cache, plan_cache
+
+    whole = quiet(DataConfig(resolution=8, cache_dir=str(tmp_path / "one"), labels=True, shard_size=500))
+    cfg = DataConfig(resolution=8, cache_dir=str(tmp_path / "two"), labels=True, shard_size=500)
+    root = tmp_path / "two"
+    plan = plan_cache(cfg, root)
+    for rank in (1, 0):  # two processes' parts (0, 2 and 1, 3), in either order
+        build_parts(cfg, root / plan["build"], rank, 2, show_progress=False)
+    assert finish_build(cfg, root, plan)
+    split = load_cache(root / plan["content"])
+    assert np.array_equal(split.labels, whole.labels) and split.meta["num_shards"] == 4
+    order = BatchOrder(len(split), 16, seed=3)
+    loader = BatchLoader(split, order, epoch=0, batch=5, pin_memory=False)
+    try:
+        position, images, labels = next(loader)
+    finally:
+        loader.close()
+    assert position == (0, 5) and labels.dtype == torch.int64
+    assert labels.tolist() == whole.labels[BatchOrder(len(split), 16, seed=3).indices(0, 5)].tolist()
+
+
 def test_a_class_folder_layout_gives_sorted_class_names_and_labels_and_a_warm_start_lists_nothing(
     tmp_path, monkeypatch
 ):
