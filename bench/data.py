@@ -81,7 +81,7 @@ def stage_data(folder: str, resolution: int, batch_size: int, batches: int) -> d
         to_model_input(next(reader)[1], device, True, generator)
     start = time.perf_counter()
     for _ in range(batches * 10):
-        _, images = next(reader)
+        _, images, _ = next(reader)
         to_model_input(images, device, True, generator)
     if device.type == "cuda":
         torch.cuda.synchronize()

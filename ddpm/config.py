@@ -68,6 +68,11 @@ class DataConfig:
     )
     workers: int = 0  # decoding threads of the cache build and the stream per process; 0: the CPUs this process may use
     max_image_pixels: int = 89_478_485  # larger images are refused undecoded (PIL's decompression-bomb limit)
+    # Class labels, one per image, beside the pixels in the cache: the digits' 0-9, a folder's first-level
+    # subfolders (ImageFolder), a dataset's label_column, shards' .cls members. A class-conditional model
+    # (model.num_classes) turns this on itself.
+    labels: bool = False  # read the class labels of the source
+    label_column: str = ""  # column holding the class labels in a Hugging Face dataset (a ClassLabel names them)
 
     @property
     def image_channels(self) -> int:
@@ -112,6 +117,9 @@ class ModelConfig:
     downsample_type: Literal["conv", "resnet"] = "conv"  # downsampling by strided convolution or a ResNet block (ADM)
     upsample_type: Literal["conv", "resnet"] = "conv"  # upsampling by interpolation + convolution or a ResNet block
     class_embed_type: Literal["timestep", "identity"] | None = None  # embedding of class labels added to the time
+    # Class-conditional (classifier-free guidance, Ho & Salimans 2022): UNet2DModel's class embedding with
+    # num_classes + 1 entries, the last the null class of an unconditional prediction (k-diffusion's convention).
+    num_classes: int | Literal["auto"] = 0  # 0: unconditional; auto: the number of classes the data has
 
 
 @dataclass
@@ -179,6 +187,10 @@ class TrainConfig:
     max_rollbacks: int = 3  # rollbacks in one run before on_divergence=rollback stops instead
     rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
     max_nonfinite_steps: int = 10  # optimizer steps in a row with NaN/inf gradients (each skipped) that stop the run
+    # A class-conditional model learns the unconditional prediction too, from the images whose label is replaced
+    # by the null class: k-diffusion and DiT drop 10 %.
+    label_dropout: float = 0.1  # fraction of training labels replaced by the null class
+    sample_guidance_scale: float = 1.0  # classifier-free guidance of the grids and evaluations of a conditional model
 
 
 @dataclass
@@ -256,8 +268,8 @@ def _validate_unet_extras(m: ModelConfig) -> None:
     if m.mid_block_scale_factor <= 0:
         raise ConfigError(f"model.mid_block_scale_factor must be positive, got {m.mid_block_scale_factor}")
     # A class embedding needs class labels at every call; a run has them only when the model is class-conditional
-    # (model.num_classes, which the class-conditional training adds; absent, the model is unconditional).
-    if m.class_embed_type is not None and not getattr(m, "num_classes", 0):
+    # (model.num_classes).
+    if m.class_embed_type is not None and not m.num_classes:
         raise ConfigError(
             f"model.class_embed_type={m.class_embed_type!r} embeds class labels, but the model is unconditional "
             "(no class labels to embed)"
@@ -267,7 +279,10 @@ def _validate_unet_extras(m: ModelConfig) -> None:
 
 
 def validate_config(cfg: Config) -> None:
-    """Range and consistency checks that the types alone cannot express."""
+    """Range and consistency checks that the types alone cannot express; and the one key that follows another: a
+    class-conditional model trains on labels, so model.num_classes turns data.labels on (it need not be said twice)."""
+    if cfg.model.num_classes != 0:
+        cfg.data.labels = True
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -313,6 +328,10 @@ def validate_config(cfg: Config) -> None:
             "(no head would fit)",
         )
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(
+        m.num_classes == "auto" or m.num_classes >= 0,
+        f"model.num_classes must be 0 (unconditional), a number of classes or auto, got {m.num_classes}",
+    )
     _validate_unet_extras(m)
     need(s.num_train_timesteps >= 2, f"schedule.num_train_timesteps must be at least 2, got {s.num_train_timesteps}")
     need(
@@ -347,6 +366,15 @@ def validate_config(cfg: Config) -> None:
     )
     need(t.max_rollbacks >= 0, f"train.max_rollbacks must be non-negative, got {t.max_rollbacks}")
     need(0 < t.rollback_lr_factor <= 1, f"train.rollback_lr_factor must be in (0, 1], got {t.rollback_lr_factor}")
+    need(0.0 <= t.label_dropout < 1.0, f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
+    need(
+        t.sample_guidance_scale >= 0, f"train.sample_guidance_scale must be non-negative, got {t.sample_guidance_scale}"
+    )
+    need(
+        m.num_classes != 0 or t.sample_guidance_scale == 1.0,
+        f"train.sample_guidance_scale={t.sample_guidance_scale}: guidance needs a class-conditional model "
+        "(model.num_classes)",
+    )
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
     need(t.eval_reference_images >= 2, f"train.eval_reference_images must be at least 2, got {t.eval_reference_images}")
     need(

@@ -27,6 +27,8 @@ class EvaluateConfig:
     steps: int = DEFAULT_STEPS  # sampler steps
     seed: int = 0  # image k uses seed * 1,000,000 + k, as in sweeps
     batch_size: int = 128  # images per forward pass
+    labels: tuple[str, ...] = ()  # class-conditional models: class ids or names repeated over the images; () balanced
+    guidance_scale: float = 1.0  # class-conditional models: classifier-free guidance (1: conditional model alone)
     reference_images: int = 0  # reference images for the statistics; 0: all
     inception_weights: str = ""  # local Inception weights file; "" is the cache, else a checked download
     out: str = ""  # JSON file; "" = <run>/evaluation/<metric>-<model>-<scheduler>-<steps>steps-<n>img-seed<seed>.json
@@ -47,6 +49,8 @@ class EvaluateConfig:
             raise ConfigError(f"--seed must be in 0..{2**31 // SEED_STRIDE - 1}, got {self.seed}")
         if self.num_images < 2:
             raise ConfigError(f"--num-images: FID/KID need at least 2 images, got {self.num_images}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"--guidance-scale must be non-negative, got {self.guidance_scale}")
         for key in ("steps", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
@@ -64,7 +68,8 @@ def run(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     path = Path(cfg.pipeline).resolve()
     run_dir = run_dir_of(path)
-    name = f"{cfg.metric}-{path.name}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}.json"
+    name = f"{cfg.metric}-{path.name}-{cfg.scheduler}-{cfg.steps}steps-{cfg.num_images}img-seed{cfg.seed}"
+    name += f"{_conditional_suffix(cfg)}.json"
     out = Path(cfg.out) if cfg.out else run_dir / "evaluation" / name
     step = model_step(path)
     # The outputs, before sampling: the JSON (images beside it) and, for a model of a training run, its scores.
@@ -74,6 +79,12 @@ def run(cfg: EvaluateConfig) -> dict:
             writable_dir(run_dir, "the run directory")
     with writing(("the evaluation output", out.parent), ("the run directory", run_dir)):
         return _evaluate(cfg, path, run_dir, out, step)
+
+
+def _conditional_suffix(cfg: EvaluateConfig) -> str:
+    """-cfg<scale>[-labels-<ids>] where a class-conditional evaluation leaves the defaults: outputs do not collide."""
+    scale = f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale != 1.0 else ""
+    return scale + (f"-labels-{'_'.join(cfg.labels)}"[:80] if cfg.labels else "")
 
 
 def _evaluate(cfg: EvaluateConfig, path: Path, run_dir: Path, out: Path, step: int | None) -> dict:
@@ -91,7 +102,7 @@ def _evaluate(cfg: EvaluateConfig, path: Path, run_dir: Path, out: Path, step: i
     )
     seeds = image_seeds(cfg.seed, cfg.num_images)
     scores = Evaluator(scoring, cfg.device, cfg.precision).run(
-        str(path), cfg.scheduler, cfg.steps, seeds, out.parent / out.stem
+        str(path), cfg.scheduler, cfg.steps, seeds, out.parent / out.stem, None, cfg.guidance_scale, cfg.labels
     )
     row = {
         "model": f"{run_dir.name}/{path.name}",
@@ -110,9 +121,11 @@ def _evaluate(cfg: EvaluateConfig, path: Path, run_dir: Path, out: Path, step: i
         append_score(run_dir, {**row, "step": step, "source": "evaluate"})
     if cfg.wandb:
         _track(cfg, run_dir, out.parent / out.stem, {**row, "step": step})
-    shown = "\n".join(f"{k}: {row[k]:.6g}" for k in metric_columns(cfg.metric) if row.get(k) is not None)
+    columns = [*metric_columns(cfg.metric), "class_accuracy"]
+    shown = "\n".join(f"{k}: {row[k]:.6g}" for k in columns if row.get(k) is not None)
+    guided = f", labels {row['labels']}, guidance {row['guidance_scale']:g}" if "labels" in row else ""
     print(
-        f"{row['num_images']} images ({cfg.scheduler}, {cfg.steps} steps, seed {cfg.seed}) "
+        f"{row['num_images']} images ({cfg.scheduler}, {cfg.steps} steps, seed {cfg.seed}{guided}) "
         f"vs {row['reference_images']} "
         f"reference images ({row['reference_data']})\n{shown}\njson: {out}"
     )

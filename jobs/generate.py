@@ -31,6 +31,8 @@ class GenerateConfig:
     negative_prompt: str = ""  # text-to-image: what the images should not show
     steps: int = 50  # sampler steps
     guidance: float = 7.5  # classifier-free guidance scale (text-to-image)
+    labels: tuple[str, ...] = ()  # class-conditional models: class ids or names over the images; () round robin
+    guidance_scale: float = 1.0  # class-conditional models: classifier-free guidance (1: the conditional model)
     seed: int = 0  # image i of every prompt uses seed + i: prompts are compared on the same noise
     num_images: int = 4  # per prompt
     batch_size: int = 4  # images per pipeline call
@@ -76,6 +78,8 @@ def run(cfg: GenerateConfig) -> Path:
 
     from ddpm.device import resolve_placement
     from ddpm.files import writable_dir, write_json, writing
+    from ddpm.models.export import CONDITIONAL_CLASS, class_names_of
+    from ddpm.sampling.guidance import sampling_labels
     from ddpm.sampling.pretrained import generate_images, load_any_pipeline, pipeline_class, set_sampler, takes_prompt
     from ddpm.sampling.sample import generate, make_grid, sampler_settings
 
@@ -87,7 +91,7 @@ def run(cfg: GenerateConfig) -> Path:
     # DDPM pipelines run on ddpm.sampling.sample's loop as `ddpm sample` does: fp32 weights under autocast, so the same
     # seed gives the same image from either command. Other pipelines are loaded in the precision itself.
     found = pipeline_class(cfg.model)  # "" when the model cannot be read: loading says why, and no folder is made
-    ddpm_loop = found == "DDPMPipeline"
+    ddpm_loop = found in ("DDPMPipeline", CONDITIONAL_CLASS)
     if found:
         writable_dir(out, "the output folder")  # before loading the weights
     pipe = load_any_pipeline(cfg.model, "fp32" if ddpm_loop else placement.precision)
@@ -100,6 +104,12 @@ def run(cfg: GenerateConfig) -> Path:
         set_sampler(pipe, cfg.scheduler)
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    labels = None
+    if ddpm_loop:  # a label per seed for a class-conditional model; refused for an unconditional one
+        labels = sampling_labels(pipe.unet, len(seeds), cfg.labels, class_names_of(pipe), cfg.guidance_scale)
+    elif cfg.labels or cfg.guidance_scale != 1.0:
+        raise UserError(f"--labels/--guidance-scale: {type(pipe).__name__} is not a class-conditional DDPM pipeline")
 
     def images_of(prompt: str | None):
         if ddpm_loop:
@@ -113,6 +123,8 @@ def run(cfg: GenerateConfig) -> Path:
                     cfg.batch_size,
                     placement.device,
                     placement.autocast_dtype,
+                    labels=None if labels is None else labels[start : start + cfg.batch_size],
+                    guidance_scale=cfg.guidance_scale,
                 )
                 yield from zip(chunk, (Image.fromarray(im) for im in made))
         else:
@@ -122,7 +134,6 @@ def run(cfg: GenerateConfig) -> Path:
 
     with writing(("the output folder", out)):  # a disk that fills meanwhile: one line, the images so far kept
         writable_dir(out / "images", "the output folder")
-        seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
         prompts: list[str | None] = list(cfg.prompts) if text else [None]
         written, grid_cells = [], []
         start = time.perf_counter()
@@ -150,6 +161,7 @@ def run(cfg: GenerateConfig) -> Path:
                 "sampler": sampler_settings(pipe.scheduler),
                 "steps": cfg.steps,
                 "guidance": cfg.guidance if text else None,
+                **({"labels": labels, "guidance_scale": cfg.guidance_scale} if labels is not None else {}),
                 "prompts": cfg.prompts,
                 "negative_prompt": cfg.negative_prompt or None,
                 "seed": cfg.seed,

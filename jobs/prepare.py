@@ -56,6 +56,8 @@ def load(path: str | None, overrides: list[str] = (), values: dict | None = None
     known = {"data", "format", "out", "part", "listed_after"}
     # A training config's other sections (model, optim, train, ...) are not this job's business.
     cfg = build_config(PrepareConfig, {k: v for k, v in tree.items() if k in known})
+    if (tree.get("model") or {}).get("num_classes", 0) != 0:
+        cfg.data.labels = True  # a class-conditional training config prepares the labelled data it trains on
     cfg.validate()
     return cfg
 

@@ -1,4 +1,5 @@
-"""Sample job: images and a grid from an exported pipeline or a checkpoint, deterministic per seed."""
+"""Sample job: images and a grid from an exported pipeline or a checkpoint, deterministic per seed (and, for a
+class-conditional model, per label and guidance scale)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class SampleConfig:
     num_images: int = 64  # images to write
     seed: int = 0  # image i uses seed + i
     batch_size: int = 64  # images per forward pass
+    labels: tuple[str, ...] = ()  # class-conditional models: class ids or names, repeated over the images; () round
+    # robin over every class, and the grid has a row per class
+    guidance_scale: float = 1.0  # class-conditional models: classifier-free guidance; 1 the conditional model alone,
+    # 0 the unconditional one, above 1 guided (twice the model evaluations per step)
     out: str = ""  # output directory; "" means <pipeline>/../samples/<scheduler>-<steps>steps-seed<seed>
     device: str = "auto"  # auto: CUDA if present, else the CPU
     precision: Precision = "auto"  # see ddpm.device.resolve_placement
@@ -41,12 +46,17 @@ class SampleConfig:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"--guidance-scale must be non-negative, got {self.guidance_scale}")
 
     @property
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        return Path(self.pipeline).resolve().parent / "samples" / f"{self.scheduler}-{self.steps}steps-seed{self.seed}"
+        name = f"{self.scheduler}-{self.steps}steps-seed{self.seed}"
+        name += f"-cfg{self.guidance_scale:g}" if self.guidance_scale != 1.0 else ""
+        name += f"-labels-{'_'.join(self.labels)}"[:80] if self.labels else ""
+        return Path(self.pipeline).resolve().parent / "samples" / name
 
 
 CONFIG = SampleConfig
@@ -59,8 +69,11 @@ def run(cfg: SampleConfig) -> Path:
 
     from ddpm.device import resolve_placement
     from ddpm.files import writable_dir, writing
-    from ddpm.models.export import load_pipeline
+    from ddpm.models.export import class_names_of, load_pipeline
+    from ddpm.models.unet import num_classes_of
+    from ddpm.sampling.guidance import sampling_labels
     from ddpm.sampling.sample import (
+        class_grid,
         compile_unet,
         generate_batches,
         make_grid,
@@ -78,18 +91,25 @@ def run(cfg: SampleConfig) -> Path:
     unet = pipe.unet.to(placement.device).eval()
     sampler = make_sampler(cfg.scheduler, pipe.scheduler)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    names = class_names_of(pipe)
+    labels = sampling_labels(unet, len(seeds), cfg.labels, names, cfg.guidance_scale)
     model = compile_unet(unet, placement.device) if cfg.compile else unet
     batches = generate_batches(
-        model, sampler, seeds, cfg.steps, cfg.batch_size, placement.device, placement.autocast_dtype, progress=True
-    )
+        model, sampler, seeds, cfg.steps, cfg.batch_size, placement.device, placement.autocast_dtype, True, labels,
+        cfg.guidance_scale,
+    )  # fmt: skip
     first: list[np.ndarray] = []  # the grid's images; the rest go to disk batch by batch (50,000 images fit)
     with writing(("the sample folder", out)), contextlib.closing(batches):
         for chunk, images in batches:
             write_pngs(images, chunk, out / "images")
             first += list(images[: GRID_IMAGES - len(first)])
-        make_grid(np.stack(first)).save(out / "grid.png")
+        if labels is None:
+            make_grid(np.stack(first)).save(out / "grid.png")
+        else:  # a row per class
+            class_grid(np.stack(first), labels[: len(first)], num_classes_of(unet)).save(out / "grid.png")
         settings = {
             **asdict(cfg),
+            **({"image_labels": labels, "class_names": names} if labels is not None else {}),
             "device": str(placement.device),
             "precision": placement.precision,
             "sampler": sampler_settings(sampler),

@@ -872,9 +872,10 @@ def test_batch_loader_yields_cached_batches_in_order_from_the_given_position(tmp
         got = [next(loader) for _ in range(6)]
     finally:
         loader.close()
-    positions = [p for p, _ in got]
+    positions = [p for p, _, _ in got]
     assert positions == [(1, 2), (1, 3), (1, 4), (2, 0), (2, 1), (2, 2)]
-    for position, batch in got:
+    for position, batch, labels in got:
+        assert labels is None  # an unlabelled folder
         assert isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8 and batch.shape == (4, 4, 4, 3)
         assert np.array_equal(batch.numpy(), cache.take(expected_order.indices(*position)))
     assert all(not t.is_alive() for t in loader._pool._threads)

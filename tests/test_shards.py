@@ -96,12 +96,12 @@ def test_a_loader_started_mid_epoch_continues_exactly(tmp_path):
     order = ShardOrder(shards.counts, 3, seed=7)
     assert order.batches_per_epoch == 6
     straight = read_all(ShardLoader(shards, order, cfg, 0, 0, pin_memory=False), 14)  # into the third epoch
-    assert [p for p, _ in straight][:8] == [(0, b) for b in range(6)] + [(1, 0), (1, 1)]
+    assert [p for p, _, _ in straight][:8] == [(0, b) for b in range(6)] + [(1, 0), (1, 1)]
     resumed = read_all(ShardLoader(shards, order, cfg, 1, 4, pin_memory=False), 4)
-    for (p, x), (q, y) in zip(straight[10:], resumed):
-        assert p == q and torch.equal(x, y)
+    for (p, x, labels), (q, y, _) in zip(straight[10:], resumed):
+        assert p == q and torch.equal(x, y) and labels is None
     # every image of an epoch is distinct and all come from the source
-    epoch0 = torch.cat([x for p, x in straight if p[0] == 0])
+    epoch0 = torch.cat([x for p, x, _ in straight if p[0] == 0])
     assert epoch0.shape == (18, 8, 8, 3) and len({bytes(row.numpy()) for row in epoch0}) == 18
 
 

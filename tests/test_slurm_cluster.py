@@ -519,3 +519,47 @@ def test_a_training_grid_is_one_array_of_scored_runs_grouped_in_wandb_and_compar
     differing = page.split("Config keys that differ", 1)[1]
     assert "optim.lr" in differing and "train.batch_size" in differing and "train.max_steps" not in differing
     assert all(f'alt="samples of {name}"' in page for name in names)
+
+
+def test_a_class_conditional_training_grid_runs_scores_class_accuracy_and_exports_for_plain_diffusers(runs, tmp_path):
+    """2 label dropouts of a class-conditional model: one array, each run scored class-balanced with its class
+    accuracy at the grids' guidance scale, exported with its pipeline code, and compared by guidance scale."""
+    grid_runs = tmp_path / "runs"
+    r = run_cli(
+        "submit",
+        "train",
+        "--cluster",
+        "local",
+        "--nodes",
+        "1",
+        "--wait",
+        "name=cond",
+        f"runs_dir={grid_runs}",
+        f"data.cache_dir={runs.parent / 'cache'}",
+        *TRAIN,
+        "train.max_steps=20",
+        "train.checkpoint_every=10",
+        "train.eval_every=20",
+        "train.eval_images=20",
+        "train.eval_metric=digitsnet",
+        "model.num_classes=auto",
+        "train.sample_guidance_scale=2",
+        "train.label_dropout=0.1,0.5",
+        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")},
+        timeout=900,
+    )
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    grid = json.loads((grid_runs / "grid-cond" / "grid.json").read_text())
+    assert len(grid["points"]) == 2
+    for point in grid["points"]:
+        run_dir = Path(point["run_dir"])
+        [score] = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+        assert score["guidance_scale"] == 2.0 and score["labels"] == "balanced" and 0 <= score["class_accuracy"] <= 1
+        index = json.loads((run_dir / "pipeline" / "model_index.json").read_text())
+        assert index["_class_name"] == ["pipeline", "ClassConditionalDDPMPipeline"] and len(index["id2label"]) == 10
+        assert (run_dir / "pipeline" / "pipeline.py").is_file()
+    report = tmp_path / "report.html"
+    r = run_cli("compare", *(p["run_dir"] for p in grid["points"]), "--out", str(report))
+    assert r.returncode == 0, r.stderr
+    assert "Class-conditional scores" in report.read_text()

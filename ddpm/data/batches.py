@@ -50,7 +50,8 @@ class BatchOrder:
 
 
 class BatchLoader:
-    """Yields uint8 host batches from the cache, reading the next one in a background thread."""
+    """Yields (position, uint8 host batch, int64 labels or None) from the cache, reading the next one in a
+    background thread; the labels are the same rows' classes (data.labels)."""
 
     def __init__(self, cache: ImageCache, order: BatchOrder, epoch: int, batch: int, pin_memory: bool):
         self.cache, self.order, self.pin_memory = cache, order, pin_memory
@@ -58,14 +59,16 @@ class BatchLoader:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._next = self._pool.submit(self._read, next(self._positions))
 
-    def _read(self, position: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor]:
-        batch = torch.from_numpy(self.cache.take(self.order.indices(*position)))
-        return position, (batch.pin_memory() if self.pin_memory else batch)
+    def _read(self, position: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor | None]:
+        indices = self.order.indices(*position)
+        batch = torch.from_numpy(self.cache.take(indices))
+        labels = None if self.cache.labels is None else torch.from_numpy(self.cache.labels[indices].astype(np.int64))
+        return position, (batch.pin_memory() if self.pin_memory else batch), labels
 
     def __iter__(self) -> BatchLoader:
         return self
 
-    def __next__(self) -> tuple[tuple[int, int], torch.Tensor]:
+    def __next__(self) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor | None]:
         result = self._next.result()
         self._next = self._pool.submit(self._read, next(self._positions))
         return result

@@ -4,7 +4,8 @@ Long because the index, the split build and its locks are one protocol between j
 why a cache directory is always complete or absent, whichever job or rank stops where.
 
 Sources (ddpm.data.sources): the embedded digits, a local image folder, or a Hugging Face dataset. A source is decoded
-once (ddpm.data.images) into `<cache>/<content>/shard-*.npy`, (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB); later
+once (ddpm.data.images) into `<cache>/<content>/shard-*.npy`, (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB), and
+with `data.labels` the class of each image beside it in `labels-*.npy` (N,) int32, the names in meta.json; later
 epochs and runs memory-map the shards, so a dataset larger than RAM streams from disk and a rank reads only its
 own batches (ddpm.data.batches: the order, the loader, and flip and scaling on the training device). WebDataset shards
 are streamed instead (ddpm.data.shards).
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.data.images import BadImageError, decode_image, pil_limits_lifted
-from ddpm.data.sources import IMAGE_SUFFIXES, Items, list_source, source_spec, unchanged
+from ddpm.data.sources import IMAGE_SUFFIXES, Items, label_spec, list_source, source_spec, unchanged
 from ddpm.errors import UserError
 from ddpm.files import claimed, exclusive, unique_suffix, write_json
 
@@ -76,6 +77,7 @@ class ImageCache:
     path: Path
     shards: list[np.ndarray]
     meta: dict
+    labels: np.ndarray | None = None  # (N,) int32 class of each image, in cache order; None when unlabelled
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])]).astype(np.int64)
@@ -90,6 +92,10 @@ class ImageCache:
     @property
     def channels(self) -> int:
         return self.meta.get("channels", 3)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.meta.get("class_names")
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows in the given order; each shard is read with sorted indices, touching only those pages."""
@@ -135,7 +141,12 @@ def load_cache(path: Path) -> ImageCache:
         np.load(path / f"shard-{i:05d}.npy", mmap_mode="r") if n else np.empty((0,), dtype=np.uint8)
         for i, n in enumerate(meta["shard_counts"])
     ]
-    return ImageCache(path=path, shards=shards, meta=meta)
+    labels = None
+    if meta.get("class_names") is not None:  # 4 bytes per image, a handful of files: read whole, not per image
+        labels = np.concatenate(
+            [np.load(path / f"labels-{i:05d}.npy") for i in range(len(shards))] or [np.empty(0, np.int32)]
+        )
+    return ImageCache(path=path, shards=shards, meta=meta, labels=labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -143,8 +154,10 @@ def load_cache(path: Path) -> ImageCache:
 
 
 def _key_fields(cfg: DataConfig) -> dict:
+    labels = label_spec(cfg)
     return dict(
         source_spec(cfg),
+        **({"labels": labels} if labels else {}),
         resolution=cfg.resolution,
         channels=cfg.image_channels,
         center_crop=cfg.center_crop,
@@ -184,8 +197,10 @@ def plan_cache(cfg: DataConfig, root: Path, listed_after: float = 0.0) -> dict:
             listing_file = root / build / "listing.json"
             if not listing_file.is_file():
                 write_json(
-                    listing_file, {"spec": listing.spec, "fingerprint": listing.fingerprint, "names": listing.names}
-                )
+                    listing_file,
+                    {"spec": listing.spec, "fingerprint": listing.fingerprint, "names": listing.names,
+                     "labels": listing.labels, "class_names": listing.class_names},
+                )  # fmt: skip
         write_json(
             index_file, {"config": key_fields, "content": content, "folders": listing.folders, "listed_at": started}
         )
@@ -225,7 +240,7 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
     (the runs of a grid, two sweeps) share the parts instead of each decoding all of them: a part another job holds
     is skipped, then waited for, and decoded here only if that job stopped before writing it."""
     listing = json.loads((build_dir / "listing.json").read_text())
-    names, size = listing["names"], cfg.shard_size
+    names, size, labels = listing["names"], cfg.shard_size, listing.get("labels")
     parts = [p for p in range(_num_parts(len(names), size)) if p % world == rank]
     todo = [p for p in parts if not (build_dir / f"part-{p:05d}.json").is_file()]
     if not todo:
@@ -241,8 +256,8 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
             return None, str(e)
 
     def build(p: int, pool: ThreadPoolExecutor) -> None:
-        arrays, skipped, upsampled = [], [], 0
-        for array, status in pool.map(decode, names[p * size : (p + 1) * size]):
+        arrays, kept, skipped, upsampled = [], [], [], 0
+        for i, (array, status) in enumerate(pool.map(decode, names[p * size : (p + 1) * size]), start=p * size):
             progress.update(1)
             if array is None:
                 if cfg.on_bad_image == "error":
@@ -252,8 +267,12 @@ def build_parts(cfg: DataConfig, build_dir: Path, rank: int = 0, world: int = 1,
                 continue
             upsampled += bool(status)
             arrays.append(array)
+            kept.append(i)
         rows = np.stack(arrays) if arrays else np.empty((0, res, res, channels), dtype=np.uint8)
         _save_whole(build_dir / f"shard-{p:05d}.npy", lambda f: np.save(f, rows))
+        if labels is not None:  # the labels of the images kept, in the same order
+            classes = np.asarray([labels[i] for i in kept], dtype=np.int32)
+            _save_whole(build_dir / f"labels-{p:05d}.npy", lambda f: np.save(f, classes))
         # the part's record comes last: a part with a record is complete
         record = {"count": len(rows), "skipped": skipped, "upsampled": upsampled}
         _save_whole(build_dir / f"part-{p:05d}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
@@ -325,6 +344,7 @@ def finish_build(cfg: DataConfig, root: Path, plan: dict) -> bool:
             shard_counts=[r["count"] for r in records],
             skipped=skipped,
             upsampled=upsampled,
+            **({"class_names": listing["class_names"]} if listing.get("labels") is not None else {}),
         )
         (build_dir / "meta.json").write_text(json.dumps(meta, indent=1))
         build_dir.rename(content)  # atomic: a content directory is complete or absent

@@ -27,12 +27,14 @@ def write_shards(
     with exclusive(out / ".listing.lock"):  # the tasks of one job list the source once
         listing_file = out / ".listing.json"
         listing = json.loads(listing_file.read_text()) if listing_file.is_file() else None
-        if listing is None or listing["listed_at"] < listed_after:
+        stale = listing is not None and (listing.get("labels") is not None) != cfg.labels  # labels asked or dropped
+        if listing is None or stale or listing["listed_at"] < listed_after:
             started = time.time()
             found = list_source(cfg)
-            listing = {"spec": found.spec, "names": found.names, "listed_at": started}
+            listing = {"spec": found.spec, "names": found.names, "listed_at": started,
+                       "labels": found.labels, "class_names": found.class_names}  # fmt: skip
             write_json(listing_file, listing)
-    names, size = listing["names"], cfg.shard_size
+    names, size, labels = listing["names"], cfg.shard_size, listing.get("labels")
     num = max(1, -(-len(names) // size))
     items = Items(cfg, listing["spec"])
     mine = [j for j in range(num) if j % parts == part and not (out / f".shard-{j:06d}.json").is_file()]
@@ -56,6 +58,11 @@ def write_shards(
                     info = tarfile.TarInfo(f"{i:09d}.{ext or 'img'}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644  # no times: the same bytes every time
                     tar.addfile(info, io.BytesIO(data))
+                    if labels is not None:  # WebDataset's class label: the index as ASCII, beside the image
+                        cls = str(labels[i]).encode()
+                        info = tarfile.TarInfo(f"{i:09d}.cls")
+                        info.size, info.mtime, info.mode = len(cls), 0, 0o644
+                        tar.addfile(info, io.BytesIO(cls))
                     count += 1
             tmp.rename(out / f"shard-{j:06d}.tar")
             write_json(out / f".shard-{j:06d}.json", {"count": count, "skipped": skipped})
@@ -74,6 +81,7 @@ def write_shards(
                 "count": sum(e["count"] for e in entries),
                 "shards": [{"name": e["name"], "count": e["count"]} for e in entries],
                 "skipped": [s for e in entries for s in e["skipped"]],
+                **({"class_names": listing["class_names"]} if labels is not None else {}),
             },
         )
     return True

@@ -2,8 +2,10 @@
 
 The format is WebDataset's: each shard is a plain POSIX tar in which the files of one sample share a key (the name
 up to the first dot); here one image per sample, `<index:09d>.<ext>`, holding the bytes the source stored (no
-re-encoding). `shards.json` beside the shards lists each with its sample count, so a reader knows the data's size
-without opening a shard; shards written by other tools get it from one pass over their tar headers.
+re-encoding), and with data.labels its class as `<index:09d>.cls`, the decimal index in ASCII (WebDataset's
+convention for class labels). `shards.json` beside the shards lists each with its sample count (and the class
+names), so a reader knows the data's size without opening a shard; shards written by other tools get it from one
+pass over their tar headers.
 
 Why our own reader rather than the webdataset package's: training needs an order that is a pure function of
 (seed, epoch, rank) so that a requeued job continues at the exact sample, with any number of nodes. Here epoch e
@@ -47,6 +49,7 @@ class ShardSet:
     root: Path
     names: list[str]  # shard file names, sorted
     counts: list[int]  # samples per shard
+    class_names: list[str] | None = None  # from shards.json; None: unlabelled, or labels without names
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -57,8 +60,10 @@ def open_shards(cfg: DataConfig) -> ShardSet:
     if not root.is_dir():
         raise UserError(f"data.path: {root} is not a folder of WebDataset .tar shards")
     index = root / INDEX
+    class_names = None
     if index.is_file():
-        entries = json.loads(index.read_text())["shards"]
+        written = json.loads(index.read_text())
+        entries, class_names = written["shards"], written.get("class_names")
     else:  # shards from elsewhere: count their samples once, from the tar headers
         tars = sorted(p.name for p in root.glob("*.tar"))
         if not tars:
@@ -67,7 +72,12 @@ def open_shards(cfg: DataConfig) -> ShardSet:
             )
         log.info("%s has no %s: counting the samples of %d shards", root, INDEX, len(tars))
         entries = [{"name": t, "count": len(_read_samples(root / t, headers_only=True))} for t in tars]
-    return ShardSet(root, [e["name"] for e in entries], [e["count"] for e in entries])
+    if cfg.labels and class_names is None:
+        raise UserError(
+            f"data.path: {root} has no class names in {INDEX}: a class-conditional run needs shards with .cls "
+            "labels (ddpm prepare --format webdataset with model.num_classes or data.labels=true)"
+        )
+    return ShardSet(root, [e["name"] for e in entries], [e["count"] for e in entries], class_names)
 
 
 def _split_name(member: str) -> tuple[str, str]:
@@ -77,10 +87,12 @@ def _split_name(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _read_samples(path: Path, headers_only: bool = False) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of each sample's image, in the shard's order."""
+def _read_samples(path: Path, headers_only: bool = False) -> list[tuple[str, bytes, int | None]]:
+    """(member name, bytes, class from the sample's .cls member or None) of each sample's image, in the shard's
+    order."""
     try:
         samples: dict[str, tuple[str, bytes]] = {}
+        classes: dict[str, int] = {}
         # headers only: tarfile seeks past each member's data; else one sequential read of the whole shard
         source = {"name": path} if headers_only else {"fileobj": io.BytesIO(path.read_bytes())}
         with tarfile.open(**source, mode="r:") as tar:
@@ -88,9 +100,14 @@ def _read_samples(path: Path, headers_only: bool = False) -> list[tuple[str, byt
                 key, ext = _split_name(m.name)
                 if m.isfile() and ext in _IMAGE_EXTENSIONS and key not in samples:
                     samples[key] = (m.name, b"" if headers_only else tar.extractfile(m).read())
+                elif m.isfile() and ext == "cls" and not headers_only:
+                    text = tar.extractfile(m).read().decode("ascii", "replace").strip()
+                    if not text.isdigit():
+                        raise BadImageError(f"shard {path}: {m.name} holds {text[:20]!r}, not a class index")
+                    classes[key] = int(text)
     except (OSError, tarfile.TarError) as e:
         raise BadImageError(f"shard {path}: cannot read it as a tar file ({type(e).__name__}: {e})") from None
-    return list(samples.values())
+    return [(name, data, classes.get(key)) for key, (name, data) in samples.items()]
 
 
 class ShardOrder:
@@ -121,7 +138,8 @@ class ShardOrder:
 
 
 class ShardLoader:
-    """Yields ((epoch, batch), uint8 (B, H, W, C) tensor) from (epoch, batch) on, like ddpm.data.batches.BatchLoader:
+    """Yields ((epoch, batch), uint8 (B, H, W, C) tensor, int64 labels or None) from (epoch, batch) on, like
+    ddpm.data.batches.BatchLoader:
     shards are read and their images decoded by background threads, a few batches ahead. A bad image is an
     error naming the shard and member, or with data.on_bad_image=skip is left out of its batch and counted."""
 
@@ -146,7 +164,7 @@ class ShardLoader:
     def __iter__(self) -> ShardLoader:
         return self
 
-    def __next__(self) -> tuple[tuple[int, int], torch.Tensor]:
+    def __next__(self) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor | None]:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -182,17 +200,17 @@ class ShardLoader:
 
     def _epoch(self, epoch: int, batch: int) -> None:
         size, last = self.order.batch_size, self.order.batches_per_epoch
-        pending: list[tuple[str, bytes]] = []
+        pending: list[tuple[str, bytes, int | None]] = []
         for named in self._samples(epoch, skip=batch * size):
             pending.append(named)
             if len(pending) == size:
-                if not self._put(((epoch, batch), self._decode(pending))):
+                if not self._put(((epoch, batch), *self._decode(pending))):
                     return
                 pending, batch = [], batch + 1
                 if batch == last:
                     return
 
-    def _samples(self, epoch: int, skip: int) -> Iterator[tuple[str, bytes]]:
+    def _samples(self, epoch: int, skip: int) -> Iterator[tuple[str, bytes, int | None]]:
         """This rank's samples of the epoch in order, after the first `skip`; whole shards are skipped unread, and
         the next shard is read while this one is decoded."""
         names, counts = self.shards.names, self.order.counts
@@ -220,16 +238,21 @@ class ShardLoader:
                     raise BadImageError(f"{message} (set data.on_bad_image=skip to skip what is missing)")
                 log.warning("%s; the missing ones are skipped", message)
             for j in self.order.samples(epoch, s)[first:]:
-                yield (f"{shard.name}:{samples[j][0]}", samples[j][1]) if j < len(samples) else (f"{shard}:#{j}", b"")
+                if j < len(samples):
+                    yield f"{shard.name}:{samples[j][0]}", samples[j][1], samples[j][2]
+                else:
+                    yield f"{shard}:#{j}", b"", None
 
-    def _decode(self, named: list[tuple[str, bytes]]) -> torch.Tensor:
+    def _decode(self, named: list[tuple[str, bytes, int | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.cfg
 
-        def decode(item: tuple[str, bytes]) -> np.ndarray | str:
-            name, data = item
+        def decode(item: tuple[str, bytes, int | None]) -> np.ndarray | str:
+            name, data, label = item
             try:
                 if not data:
                     raise BadImageError(f"{name}: missing from the shard")
+                if cfg.labels and label is None:
+                    raise BadImageError(f"shard {self.shards.root}/{name}: the sample has no .cls label")
                 return decode_image(
                     lambda: Image.open(io.BytesIO(data)),
                     f"shard {self.shards.root}/{name}",
@@ -244,6 +267,9 @@ class ShardLoader:
         with pil_limits_lifted():
             results = list(self._pool.map(decode, named))
         arrays = [r for r in results if not isinstance(r, str)]
+        labels = None
+        if cfg.labels:  # the good images' classes, in the same order
+            labels = torch.tensor([n[2] for n, r in zip(named, results) if not isinstance(r, str)], dtype=torch.int64)
         bad = [r for r in results if isinstance(r, str)]
         if bad:
             if cfg.on_bad_image == "error":
@@ -253,7 +279,7 @@ class ShardLoader:
             if not arrays:
                 raise BadImageError(f"every image of a batch is bad; first: {bad[0]}")
         batch = torch.from_numpy(np.stack(arrays))
-        return batch.pin_memory() if self.pin_memory else batch
+        return (batch.pin_memory() if self.pin_memory else batch), labels
 
 
 def first_images(cfg: DataConfig, count: int) -> np.ndarray:
@@ -262,7 +288,7 @@ def first_images(cfg: DataConfig, count: int) -> np.ndarray:
     out: list[np.ndarray] = []
     with pil_limits_lifted():
         for name in shards.names:
-            for member, data in _read_samples(shards.root / name):
+            for member, data, _ in _read_samples(shards.root / name):
                 try:
                     out.append(
                         decode_image(

@@ -4,6 +4,11 @@ A source is listed once (`list_source`: its items in a fixed order, a fingerprin
 folders whose modification times tell cheaply whether it changed since); after that any process reads any share
 of its items by position (`item_readers`) without listing it again. Listing is the only per-file work: a warm
 start (ddpm.data.cache) skips it when `unchanged(listing.folders)`, which stats folders, not files.
+
+Class labels (`data.labels`, set by a class-conditional model) are read at listing too, one small integer per item
+with the class names: the digits' own 0-9; a folder's first-level subfolders (torchvision's ImageFolder convention,
+sorted names); a dataset's `data.label_column` (with a ClassLabel feature's names). WebDataset shards carry theirs
+in `.cls` members (ddpm.data.shards).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Listing:
     fingerprint: str  # changes when the content changes (files' names, sizes, mtimes; a dataset's fingerprint)
     names: list[str]  # the items in cache order: file paths relative to the folder, or row numbers
     folders: dict[str, int]  # folder -> st_mtime_ns when listed (see `unchanged`)
+    labels: list[int] | None = None  # the class of each item, in `names` order; None when data.labels is off
+    class_names: list[str] | None = None  # class index -> name
 
 
 def source_spec(cfg: DataConfig) -> dict:
@@ -58,6 +65,14 @@ def source_spec(cfg: DataConfig) -> dict:
         return {"source": "folder", "path": str(local.resolve())}
     path = str(local.resolve()) if local.is_dir() else cfg.path
     return {"source": "hf", "path": path, "split": cfg.split, "column": cfg.image_column}
+
+
+def label_spec(cfg: DataConfig) -> str:
+    """Where the labels come from, "" when none are read: part of the cache's key (absent when "", so the caches of
+    unconditional runs keep the keys they had)."""
+    if not cfg.labels:
+        return ""
+    return {"digits": "digit", "folder": "subfolders", "hf": f"column:{cfg.label_column}"}.get(cfg.source, "cls")
 
 
 def unchanged(folders: dict[str, int]) -> bool:
@@ -75,7 +90,10 @@ def unchanged(folders: dict[str, int]) -> bool:
 
 def list_source(cfg: DataConfig) -> Listing:
     if cfg.source == "digits":
-        return Listing(source_spec(cfg), "sklearn-digits-1797", [str(i) for i in range(1797)], {})
+        listing = Listing(source_spec(cfg), "sklearn-digits-1797", [str(i) for i in range(1797)], {})
+        if cfg.labels:
+            listing.labels, listing.class_names = _digit_labels(), [str(d) for d in range(10)]
+        return listing
     if cfg.source == "folder":
         return _list_folder(cfg)
     return _list_hf(cfg)
@@ -149,6 +167,12 @@ def _digit_pixels() -> np.ndarray:
     return (255 - np.clip(digits * 16, 0, 255)).astype(np.uint8)
 
 
+def _digit_labels() -> list[int]:
+    from sklearn.datasets import load_digits
+
+    return [int(y) for y in load_digits().target]
+
+
 def _list_folder(cfg: DataConfig) -> Listing:
     root = Path(cfg.path).expanduser()
     if not root.exists():
@@ -174,7 +198,28 @@ def _list_folder(cfg: DataConfig) -> Listing:
         raise UserError(f"data.path: folder {root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     # os.walk visits a folder before its subfolders: sorting the relative names gives the same order on every walk.
     order = sorted(range(len(names)), key=lambda i: Path(names[i]).parts)
-    return Listing(source_spec(cfg), fingerprint.hexdigest(), [names[i] for i in order], folders)
+    listing = Listing(source_spec(cfg), fingerprint.hexdigest(), [names[i] for i in order], folders)
+    if cfg.labels:
+        listing.labels, listing.class_names = _folder_labels(root, listing.names)
+    return listing
+
+
+def _folder_labels(root: Path, names: list[str]) -> tuple[list[int], list[str]]:
+    """ImageFolder's convention: the first-level subfolders are the classes, in sorted order; an image of a
+    subfolder's subfolders belongs to it."""
+    loose = [n for n in names if len(Path(n).parts) == 1]
+    if loose:
+        raise UserError(
+            f"data.path: {root / loose[0]} lies at the top level of a labelled folder "
+            f"({len(loose)} images do); every image must be inside a class subfolder (data.labels)"
+        )
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    used = {Path(n).parts[0] for n in names}
+    empty = [c for c in classes if c not in used]
+    if empty:
+        raise UserError(f"data.path: the class folder {root / empty[0]} holds no image files")
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[Path(n).parts[0]] for n in names], classes
 
 
 def _load_hf(cfg: DataConfig):
@@ -210,6 +255,13 @@ def _load_hf(cfg: DataConfig):
         )
     if len(ds) == 0:
         raise UserError(f"data.path: dataset {cfg.path!r} split {cfg.split!r} is empty")
+    if cfg.labels and not cfg.label_column:
+        raise UserError(f"data.label_column: a class-conditional run on {cfg.path} needs the column of its labels")
+    if cfg.labels and cfg.label_column not in ds.column_names:
+        raise UserError(
+            f"data.label_column: {cfg.label_column!r} is not a column of {cfg.path} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
     if isinstance(ds.features[cfg.image_column], datasets.Image):  # decode ourselves: a corrupt row is named
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     return ds, ds._fingerprint, folders
@@ -217,7 +269,26 @@ def _load_hf(cfg: DataConfig):
 
 def _list_hf(cfg: DataConfig) -> Listing:
     ds, fingerprint, folders = _load_hf(cfg)
-    return Listing(source_spec(cfg), fingerprint, [str(i) for i in range(len(ds))], folders)
+    listing = Listing(source_spec(cfg), fingerprint, [str(i) for i in range(len(ds))], folders)
+    if cfg.labels:
+        listing.labels, listing.class_names = _hf_labels(ds, cfg)
+    return listing
+
+
+def _hf_labels(ds, cfg: DataConfig) -> tuple[list[int], list[str]]:
+    """The label column as class indices; the names of a ClassLabel feature, else the indices as names."""
+    import datasets
+
+    feature = ds.features[cfg.label_column]
+    values = ds[cfg.label_column]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    for row, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (names is not None and v >= len(names)):
+            raise UserError(
+                f"data.label_column: row {row} of {cfg.path} holds {v!r}, not a class index"
+                + (f" in 0..{len(names) - 1}" if names else " (a non-negative integer)")
+            )
+    return list(values), names or [str(i) for i in range(max(values) + 1)]
 
 
 def _hf_reader(ds, i: int, column: str) -> Reader:

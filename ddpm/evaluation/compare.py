@@ -2,8 +2,9 @@
 
 One HTML file with its pictures embedded (base64 PNGs): it is a single file to copy off a cluster that has no W&B
 access, it opens in any browser with no network and no server, and it cannot lose its pictures on the way. It shows
-the runs' loss and quality curves on shared axes, the config keys that differ, each run's best score, and the newest
-sample grid of each run side by side.
+the runs' loss and quality curves on shared axes, the config keys that differ, each run's best score, the scores of
+class-conditional models by guidance scale and labels (with their class accuracy), and the newest sample grid of each
+run side by side.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def curves_figure(runs: list[Run], how: tuple | None):
             loss_ax.plot(*zip(*points), label=run.label, linewidth=1.2)
     loss_ax.set(xlabel="training step", ylabel="training loss (mean per log interval)", yscale="log", title="Loss")
     if how:
-        metric, reference, _, num_images, scheduler, steps, _, precision = how
+        metric, reference, _, num_images, scheduler, steps, _, precision, scale, labels = how
         key = headline(metric)
+        guided = f", guidance {scale:g}, labels {labels}" if scale is not None else ""
         ax = axes[0][1]
         for run in runs:
             points = sorted(
@@ -148,7 +150,7 @@ def curves_figure(runs: list[Run], how: tuple | None):
         ax.set(
             xlabel="training step",
             ylabel=f"{key} (lower is better)",
-            title=f"{key}: {num_images} images, {scheduler} {steps} steps ({precision}), vs {reference}",
+            title=f"{key}: {num_images} images, {scheduler} {steps} steps ({precision}){guided}, vs {reference}",
         )
     if any(posthoc.values()):
         ax = axes[0][2]
@@ -196,6 +198,27 @@ def _summary(run: Run, how: tuple | None) -> dict[str, str]:
     return row
 
 
+def conditional_rows(runs: list[Run]) -> list[dict[str, str]]:
+    """Every score of a class-conditional model, a row each: the guidance scale and labels it was sampled with, its
+    headline score beside the metric's floor, and its class accuracy where a classifier measured it."""
+    out = []
+    for run in runs:
+        for r in sorted(
+            (r for r in run.scores if "guidance_scale" in r and headline(r["metric"]) in r),
+            key=lambda r: (r["step"], r["guidance_scale"], r["seed"]),
+        ):
+            key = headline(r["metric"])
+            floor = r.get(f"{key}_floor")
+            out.append({
+                "run": run.label, "step": str(r["step"]), "guidance scale": f"{r['guidance_scale']:g}",
+                "labels": str(r.get("labels")), "images": str(r["num_images"]), "seed": str(r["seed"]),
+                "sampler": f"{r['scheduler']} {r['steps']}", key: f"{r[key]:.4g}",
+                "floor": f"{floor:.3g}" if floor is not None else "-",
+                "class accuracy": f"{100 * r['class_accuracy']:.1f} %" if "class_accuracy" in r else "-",
+            })  # fmt: skip
+    return out
+
+
 def _table(rows: list[dict[str, str]], css: str = "") -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
@@ -236,6 +259,8 @@ def render(runs: list[Run]) -> str:
         else '<p class="muted">No scores yet: turn on train.eval_every, or run ddpm evaluate on a checkpoint.</p>'
     )
     charts = {alt: _png(fig) for alt, fig in figures(runs, how).items()}
+    guided = conditional_rows(runs)
+    conditional = f"<h2>Class-conditional scores</h2>\n{_table(guided, 'conditional')}" if guided else ""
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ddpm compare: {html.escape(", ".join(r.label for r in runs))}</title>
@@ -247,6 +272,7 @@ def render(runs: list[Run]) -> str:
 <h2>Curves</h2>
 {quality_note}
 <img class="curves" alt="{CURVES}" src="data:image/png;base64,{charts[CURVES]}">
+{conditional}
 <h2>Config keys that differ</h2>
 {_table(diff_rows, "config") if diff_rows else '<p class="muted">None: the runs share every config value.</p>'}
 <h2>Newest samples</h2>

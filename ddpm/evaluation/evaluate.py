@@ -1,5 +1,9 @@
 """Scoring one model: sample N images with a sampler and fixed seeds, then measure them against a reference.
 
+Long because its three callers must agree, and one file shows that they do: `ddpm evaluate` and every sweep cell
+(Evaluator) and the in-training evaluation over every process (TrainingEvaluator) sample with the same seeds, the
+same class-balanced labels and the same metric code.
+
 This is the building block that `ddpm evaluate`, every cell of a sweep and any later in-training
 evaluation call. DDPM pipelines and ddpm checkpoints run on ddpm.sampling.sample's loop; any other diffusers
 pipeline (text-to-image, ...) through its own __call__. The metrics themselves are ddpm.evaluation.metrics.
@@ -39,10 +43,12 @@ class Scoring:
 
 
 def is_ddpm(path: str | Path) -> bool:
-    """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub)."""
+    """A ddpm checkpoint, or a pipeline saved as DDPMPipeline (ours, or one from the Hub) or as this project's
+    class-conditional export."""
+    from ddpm.models.export import CONDITIONAL_CLASS
     from ddpm.sampling.pretrained import pipeline_class
 
-    return pipeline_class(path) == "DDPMPipeline"
+    return pipeline_class(path) in ("DDPMPipeline", CONDITIONAL_CLASS)
 
 
 def model_fingerprint(path: str) -> str:
@@ -77,6 +83,17 @@ def resolved_sampler(path: str, scheduler: str) -> dict:
         return sampler_settings(cls.from_config(trained, **extra))
     except (OSError, ValueError, KeyError):
         return {}
+
+
+def class_accuracy(space, feats: np.ndarray, labels: list[int], class_names: list[str] | None) -> float | None:
+    """The fraction of generated images that the feature space's classifier assigns to the class they were asked
+    for: for the digits, FD-digitsnet's network, whose head was trained to classify them (metrics.DigitsNet). None
+    where the space has no classifier of these classes (Inception's ImageNet head does not know a model's classes)."""
+    import numpy as np
+
+    if not hasattr(space, "classify") or class_names != space.classes:
+        return None
+    return float(np.mean(space.classify(feats) == np.asarray(labels)))
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -144,17 +161,27 @@ class Evaluator:
         seeds: list[int],
         prompt: str | None = None,
         guidance: float | None = None,
+        labels: tuple[str, ...] = (),
     ) -> np.ndarray:
-        """(N, H, W, 3) uint8 images of the model at `path`, one per seed."""
+        """(N, H, W, 3) uint8 images of the model at `path`, one per seed. A class-conditional model is sampled with
+        `labels` (ids or names) repeated over the seeds, by default class-balanced (image k of a cell gets class k
+        mod classes), guided with `guidance` (None: 1, the conditional model alone); the labels used are left in
+        `self.labels`."""
+        from ddpm.models.export import class_names_of
+        from ddpm.sampling.guidance import sampling_labels
         from ddpm.sampling.sample import generate, make_sampler
 
         pipe, trained = self._pipeline(path)
         sampler = make_sampler(scheduler, trained)
+        self.labels, self.class_names = None, None
         if is_ddpm(path):
-            p = self.placement
+            p, scale = self.placement, 1.0 if guidance is None else guidance
+            self.class_names = class_names_of(pipe)
+            self.labels = sampling_labels(pipe.unet, len(seeds), labels, self.class_names, scale, "labels")
             return generate(
-                pipe.unet, sampler, seeds, steps, self.scoring.batch_size, p.device, p.autocast_dtype, progress=True
-            )
+                pipe.unet, sampler, seeds, steps, self.scoring.batch_size, p.device, p.autocast_dtype, True,
+                self.labels, scale,
+            )  # fmt: skip
         import numpy as np
         from tqdm.auto import tqdm
 
@@ -183,6 +210,7 @@ class Evaluator:
         out_dir: Path,
         prompt: str | None = None,
         guidance: float | None = None,
+        labels: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Sample, write images/ and grid.png under `out_dir`, score; returns the figures (no settings)."""
         import torch
@@ -193,7 +221,7 @@ class Evaluator:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        images = self.sample(path, scheduler, steps, seeds, prompt, guidance)
+        images = self.sample(path, scheduler, steps, seeds, prompt, guidance, labels)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -204,12 +232,18 @@ class Evaluator:
             "precision": self.placement.precision,
             "checkpoint_step": checkpoint_step(path),
         }
+        if self.labels is not None:  # part of a class-conditional score's key (ddpm.evaluation.scores)
+            row.update(guidance_scale=1.0 if guidance is None else guidance, labels=",".join(labels) or "balanced")
         if self.scoring.metric != "none":
             from ddpm.evaluation.metrics import METRICS, distances
 
             resolution = images.shape[1]
             ref, described = self._reference_features(path, resolution)
             generated = self._spaces[resolution](images)
+            if self.labels is not None:
+                accuracy = class_accuracy(self._spaces[resolution], generated, self.labels, self.class_names)
+                if accuracy is not None:
+                    row["class_accuracy"] = accuracy
             row.update(
                 {
                     "reference_data": described,
@@ -246,7 +280,9 @@ class TrainingEvaluator:
     gathered by seed, so the score is the one `ddpm evaluate --seed 0` gives for the same weights, whatever the
     number of processes. The reference statistics are computed once, by the main process."""
 
-    def __init__(self, data, num_images: int, reference_images: int, metric: str, accelerator) -> None:
+    def __init__(
+        self, data, num_images: int, reference_images: int, metric: str, accelerator, class_names=None
+    ) -> None:
         import dataclasses
 
         from accelerate.utils import broadcast_object_list
@@ -266,27 +302,46 @@ class TrainingEvaluator:
             self.space = feature_space(self.metric, data.resolution, accelerator.device)
         reference = dataclasses.replace(data, random_flip=False)
         self.reference, self.reference_data = None, describe_reference(reference)
+        self.class_names = class_names
         if accelerator.is_main_process:
             self.reference = reference_features(self.space, reference, reference_images, warn=False)
 
-    def __call__(self, unet, sampler, steps: int, batch_size: int, autocast_dtype) -> dict[str, Any] | None:
-        """The scores on the main process (None elsewhere); every process must call it at the same step."""
+    def __call__(
+        self, unet, sampler, steps: int, batch_size: int, autocast_dtype, guidance_scale: float = 1.0
+    ) -> dict[str, Any] | None:
+        """The scores on the main process (None elsewhere); every process must call it at the same step. A
+        class-conditional model is sampled class-balanced (seed k gets class k mod classes, as `ddpm evaluate`
+        does) with `guidance_scale`."""
         import numpy as np
         from accelerate.utils import gather_object
 
         from ddpm.evaluation.metrics import distances
+        from ddpm.models.unet import num_classes_of
+        from ddpm.sampling.guidance import round_robin
         from ddpm.sampling.sample import generate
 
         device = self.accelerator.device
         start = time.perf_counter()
-        images = generate(unet, sampler, self.mine, steps, batch_size, device, autocast_dtype)
+        n = num_classes_of(unet)
+        labels = round_robin(len(self.seeds), n) if n else None
+        mine = labels[self.accelerator.process_index :: self.accelerator.num_processes] if labels else None
+        images = generate(
+            unet, sampler, self.mine, steps, batch_size, device, autocast_dtype, False, mine, guidance_scale
+        )
         parts = gather_object([(self.mine, self.space(images))])
         if not self.accelerator.is_main_process:
             return None
         by_seed = {s: f for seeds, feats in parts for s, f in zip(seeds, feats)}
         generated = np.stack([by_seed[s] for s in self.seeds])
+        conditional = {}
+        if labels:
+            conditional = {"guidance_scale": guidance_scale, "labels": "balanced"}
+            accuracy = class_accuracy(self.space, generated, labels, self.class_names)
+            if accuracy is not None:
+                conditional["class_accuracy"] = accuracy
         return {
             **distances(self.metric, generated, self.reference),
+            **conditional,
             "precision": "bf16" if autocast_dtype is not None else "fp32",
             "metric": self.metric,
             "num_images": len(self.seeds),

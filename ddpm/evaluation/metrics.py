@@ -213,6 +213,13 @@ class DigitsFeatures:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return features(self.net, images)
 
+    classes = [str(d) for d in range(10)]  # what its head tells apart: it classifies a model of these classes only
+
+    @torch.no_grad()
+    def classify(self, feats: np.ndarray) -> np.ndarray:
+        """The digit the net's head assigns to each image, from the features it computed for the distances."""
+        return self.net.head(torch.from_numpy(feats).float()).argmax(1).numpy()
+
 
 def feature_space(
     name: str, resolution: int, device: torch.device, inception_weights: str = ""

@@ -1,6 +1,7 @@
 """Result tables of a sweep: results.csv and results.json (a row per cell, in plan order) and plot.png.
 
-The plot is quality (or speed, without a metric) against sampling steps, a line per scheduler, a panel per model.
+The plot is quality (or speed, without a metric) against sampling steps, a line per scheduler, a panel per model;
+class-conditional models get guidance-plot.png too: quality and class accuracy against the guidance scale.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ COLUMNS = [
     "seed",
     "prompt",
     "guidance",
+    "labels",
+    "class_accuracy",
     "num_images",
     "metric",
     "reference_data",
@@ -46,7 +49,49 @@ def write_results(out: Path, title: str, metric: str, rows: list[dict]) -> dict[
     os.replace(tmp, out / "results.csv")
     write_json(out / "results.json", rows)
     plot_results(title, metric, rows, out / "plot.png")
-    return {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "plot.png"}
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "plot.png"}
+    if metric != "none" and plot_guidance(title, metric, rows, out / "guidance-plot.png"):
+        paths["guidance_plot"] = out / "guidance-plot.png"
+    return paths
+
+
+def plot_guidance(title: str, metric: str, rows: list[dict], path: Path) -> bool:
+    """The score against the classifier-free guidance scale of the class-conditional cells, a line per model,
+    sampler and step count, seeds averaged, the floor beside; class accuracy in a second panel where a classifier
+    scored it. False (nothing written) without class-conditional cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "guidance_scale" in r and r.get("prompt") is None]
+    if not rows:
+        return False
+    y_key = metric_columns(metric)[0]
+    panels = [y_key] + (["class_accuracy"] if any("class_accuracy" in r for r in rows) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for line in dict.fromkeys((r["model"], r["scheduler"], r["steps"]) for r in rows):
+            points: dict[float, list[float]] = {}
+            for r in rows:
+                if (r["model"], r["scheduler"], r["steps"]) == line and key in r:
+                    points.setdefault(r["guidance_scale"], []).append(r[key])
+            xs = sorted(points)
+            ax.errorbar(xs, [float(np.mean(points[x])) for x in xs], yerr=[float(np.std(points[x])) for x in xs],
+                        marker="o", capsize=3, label=f"{line[0]}, {line[1]} {line[2]} steps")  # fmt: skip
+        floors = [r[f"{y_key}_floor"] for r in rows if r.get(f"{y_key}_floor") is not None]
+        if key == y_key and floors:
+            ax.axhline(float(np.mean(floors)), color="grey", linestyle="--", label="real vs real (floor)")
+        ax.set_xlabel("guidance scale (1: conditional model alone)")
+        ax.set_ylabel(f"{key} ({'lower' if key == y_key else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    seeds, images = len({r["seed"] for r in rows}), rows[0]["num_images"]
+    fig.suptitle(f"{title}: {images} class-balanced images per cell, {seeds} seed{'s' * (seeds > 1)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_results(title: str, metric: str, rows: list[dict], path: Path) -> None:

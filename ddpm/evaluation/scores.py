@@ -26,6 +26,9 @@ SCORES_FILE = "scores.jsonl"
 # steps, precision), how many images from which seeds, and the metric with its reference images.
 KEY = ("step", "model_fingerprint", "scheduler", "steps", "seed", "num_images", "metric", "reference_data",
        "reference_images", "precision")  # fmt: skip
+# ... and for a class-conditional model, the guidance scale and the labels ("balanced": round robin over the
+# classes). Absent from unconditional scores, so the rows written before them keep their keys.
+CONDITIONAL_KEY = ("guidance_scale", "labels")
 
 
 def headline(metric: str) -> str:
@@ -96,7 +99,7 @@ def read_scores(run_dir: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(row, dict) and all(k in row for k in KEY):
-            rows[tuple(str(row[k]) for k in KEY)] = row
+            rows[tuple(str(row[k]) for k in KEY) + tuple(str(row.get(k)) for k in CONDITIONAL_KEY)] = row
     return list(rows.values())
 
 
@@ -121,7 +124,7 @@ def model_step(model: str | Path) -> int | None:
 def measurement(row: dict[str, Any]) -> tuple:
     """How a score was measured: only scores measured the same way are compared (a curve, a best, a card)."""
     return tuple(row[k] for k in ("metric", "reference_data", "reference_images", "num_images", "scheduler", "steps",
-                                  "seed", "precision"))  # fmt: skip
+                                  "seed", "precision")) + tuple(row.get(k) for k in CONDITIONAL_KEY)  # fmt: skip
 
 
 def best_score(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

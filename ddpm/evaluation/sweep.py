@@ -1,12 +1,14 @@
 """Sampling sweeps: the grid of models x schedulers x step counts x seeds (x prompts x guidance scales for
-text-to-image pipelines; x post-hoc EMA lengths for runs with EMA snapshots), one cell at a time. Long because
-it holds the whole grid, config to plan, in one place: its keys, their checks, and how models become cells.
+text-to-image pipelines, x guidance scales for class-conditional models; x post-hoc EMA lengths for runs with EMA
+snapshots), one cell at a time. Long because it holds the whole grid, config to plan, in one place: its keys,
+their checks, and how models become cells.
 
 A sweep lives in `<out_dir>/<name>/`:
     plan.json                        the cells, in order, with the models resolved to directories
-    cells/<model>/<scheduler>-<steps>steps-seed<seed>[-p<prompt>-g<guidance>]/
+    cells/<model>/<scheduler>-<steps>steps-seed<seed>[-p<prompt>-g<guidance> | -cfg<guidance>]/
         images/seed-*.png, grid.png, row.json   (row.json is written last: its presence means done)
     results.csv, results.json, plot.png          written when every cell is done (or by --merge)
+    guidance-plot.png                            class-conditional models: the score against the guidance scale
 
 A cell is skipped on a rerun when its row.json exists and was made with the same settings, so an
 interrupted sweep resumes, and a SLURM array runs shards `--shard i/n` (cells i, i+n, ...) into the
@@ -59,6 +61,9 @@ class SweepConfig:
     negative_prompt: str = ""  # text-to-image models: the negative prompt of every cell
     ema_lengths: tuple[float, ...] = ()  # post-hoc EMA sigma_rels: each model of a run with EMA snapshots is also
     # swept as its reconstruction at each (`ddpm ema`, at the newest snapshot up to its step), a model each
+    # Class-conditional models (model.num_classes): samples class-balanced unless labels are given.
+    class_guidance_scales: tuple[float, ...] = (1.0,)  # class-conditional models: guidance, a cell per scale
+    labels: tuple[str, ...] = ()  # class-conditional models: class ids or names over the images; () round robin
     num_images: int = 1000  # images per cell; part of every reported figure
     batch_size: int = 128  # images per forward pass
     grid_images: int = 64  # the first n images of a cell form its grid
@@ -175,6 +180,10 @@ def validate_sweep(cfg: SweepConfig) -> None:
         f"guidance_scales: need at least one non-negative value, got {list(cfg.guidance_scales)}",
     )
     need(
+        bool(cfg.class_guidance_scales) and all(g >= 0 for g in cfg.class_guidance_scales),
+        f"class_guidance_scales: need at least one non-negative value, got {list(cfg.class_guidance_scales)}",
+    )
+    need(
         bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
         f"name: {cfg.name!r} is not a valid directory name",
     )
@@ -193,13 +202,14 @@ class Cell:
     seed: int
     prompt: str | None = None  # text-to-image cells only
     prompt_index: int = 0
-    guidance: float | None = None
+    guidance: float | None = None  # text-to-image and class-conditional cells
     ema_length: float | None = None  # the sigma_rel of a post-hoc EMA model; None: the model's own weights
 
     @property
     def id(self) -> str:
         text = f"-p{self.prompt_index}-g{self.guidance:g}" if self.prompt is not None else ""
-        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}{text}"
+        classes = f"-cfg{self.guidance:g}" if self.prompt is None and self.guidance is not None else ""
+        return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}{text}{classes}"
 
 
 def _label(path: Path) -> str:
@@ -264,7 +274,7 @@ def posthoc_models(models, ema_lengths: tuple[float, ...]) -> list[tuple[str, st
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
-    from ddpm.models.export import run_dir_of
+    from ddpm.models.export import run_dir_of, saved_num_classes
     from ddpm.models.phema import reconstruction_settings
     from ddpm.sampling.pretrained import saved_takes_prompt
 
@@ -278,9 +288,12 @@ def make_plan(cfg: SweepConfig) -> list[Cell]:
         text = saved_takes_prompt(path)
         if text and not cfg.prompts:
             raise UserError(f"models: {label} is a text-to-image pipeline; give prompts: [...] in the sweep config")
-        variants = (
-            [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales] if text else [(None, 0, None)]
-        )
+        if text:
+            variants = [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales]
+        elif saved_num_classes(path):
+            variants = [(None, 0, g) for g in cfg.class_guidance_scales]
+        else:
+            variants = [(None, 0, None)]
         ema_length = (reconstruction_settings(path) or {}).get("sigma_rel")
         cells += [
             Cell(label, path, sch, steps, seed, prompt, j, g, ema_length)

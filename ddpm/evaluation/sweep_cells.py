@@ -33,6 +33,8 @@ def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
         if cell.prompt is not None
         else {}
     )
+    if cell.prompt is None and cell.guidance is not None:  # a class-conditional model's cell
+        text = {"guidance": cell.guidance, "class_labels": list(cfg.labels)}  # the row says "labels" as scores do
     return {
         "cell": cell.id,
         "model": cell.model,
@@ -66,7 +68,7 @@ def finished_row(cfg: SweepConfig, cell: Cell) -> dict | None:
 # path aside: the same weights give the same images wherever they are).
 REUSED_SETTINGS = ("model_fingerprint", "scheduler", "sampler", "steps", "seed", "num_images", "metric", "reference",
                    "reference_images_asked", "precision_setting", "prompt", "guidance", "negative_prompt",
-                   "ema_length")  # fmt: skip
+                   "ema_length", "class_labels")  # fmt: skip
 
 
 def scored_before(cfg: SweepConfig, cell: Cell) -> dict | None:
@@ -129,11 +131,14 @@ def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
                 out,
                 cell.prompt,
                 cell.guidance,
+                cfg.labels,
             )
             row = {**cell_settings(cfg, cell), **scores}
             _attach(cfg, cell, row, out)  # before row.json: a cell killed in between is redone, not lost to the run
             write_json(out / "row.json", row)  # last: its presence means the cell is done
-            shown = [f"{k}={row[k]:.4g}" for k in metric_columns(cfg.metric) if row.get(k) is not None]
+            shown = [
+                f"{k}={row[k]:.4g}" for k in [*metric_columns(cfg.metric), "class_accuracy"] if row.get(k) is not None
+            ]
             log.info("  %s", ", ".join(shown))
     return len(todo), len(cells) - len(todo)
 

@@ -51,9 +51,17 @@ _SHAPE_KEYS = (
 
 
 def unet_kwargs(cfg: ModelConfig, resolution: int, channels: int, num_train_timesteps: int | None = None) -> dict:
-    """UNet2DModel's arguments for this model section; num_train_timesteps sizes a "learned" time embedding."""
+    """UNet2DModel's arguments for this model section; num_train_timesteps sizes a "learned" time embedding.
+
+    A class-conditional model (cfg.num_classes, resolved to a number by then) gets UNet2DModel's class embedding,
+    added to the timestep embedding, with one more entry than classes: the last is the null class that stands for
+    "no label" (classifier-free guidance)."""
+    if not isinstance(cfg.num_classes, int):
+        raise ValueError("model.num_classes must be resolved to a number before the UNet is built")
     kwargs = {k: getattr(cfg, k) for k in UNET_KEYS}
     kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
+    if cfg.num_classes:
+        kwargs["num_class_embeds"] = cfg.num_classes + 1
     if cfg.time_embedding_type == "learned":
         kwargs["num_train_timesteps"] = num_train_timesteps or 1000
     return kwargs
@@ -66,14 +74,21 @@ def build_unet(
     return UNet2DModel(**unet_kwargs(cfg, resolution, channels, num_train_timesteps))
 
 
+def num_classes_of(unet: UNet2DModel) -> int:
+    """The classes a UNet was trained on (its class embedding less the null class); 0 for an unconditional one."""
+    embeds = unet.config.get("num_class_embeds")
+    return embeds - 1 if embeds else 0
+
+
 def architecture(unet: UNet2DModel) -> dict:
     """The config entries that decide what the network computes: what a checkpoint must match. The entries added
-    since the first checkpoints appear only where they differ from UNet2DModel's defaults, so those checkpoints
-    (which had the defaults) still match."""
+    since the first checkpoints appear only where they differ from UNet2DModel's defaults (num_class_embeds where it
+    is set), so those checkpoints (which had the defaults) still match."""
     signature = inspect.signature(UNet2DModel.__init__).parameters
     out = {}
     for k, v in unet.config.items():
-        if k in _SHAPE_KEYS or (k in UNET_KEYS and k != "dropout" and v != signature[k].default):
+        changed = k in UNET_KEYS and k != "dropout" and v != signature[k].default
+        if k in _SHAPE_KEYS or changed or (k == "num_class_embeds" and v is not None):
             out[k] = list(v) if isinstance(v, tuple) else v
     return out
 

@@ -1,6 +1,7 @@
 """Publishing a pipeline on the Hugging Face Hub: the folder checked, a model card written from the run, one commit.
 
-What is uploaded is the pipeline itself (model_index.json and the component folders it names), the card,
+What is uploaded is the pipeline itself (model_index.json, the component folders it names, and a class-conditional
+export's pipeline.py, which diffusers fetches with the weights), the card,
 the run's training config and its final sample grid; never checkpoints, optimizer states, W&B files or
 caches, whatever else lies in the folder. The token comes from huggingface_hub's usual places (HF_TOKEN,
 or the token file that `hf auth login` writes); it is never printed or logged.
@@ -44,6 +45,8 @@ def pipeline_files(pipeline: Path) -> list[Path]:
         raise UserError(f"--pipeline: {index_path} is not valid JSON ({e})") from None
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
     files = [Path("model_index.json")]
+    if isinstance(index.get("_class_name"), list) and (pipeline / f"{index['_class_name'][0]}.py").is_file():
+        files.append(Path(f"{index['_class_name'][0]}.py"))  # the pipeline's own code (ddpm.models.export)
     for name in components:
         files += sorted(
             p.relative_to(pipeline)
@@ -58,9 +61,16 @@ def check_pipeline(pipeline: Path) -> str:
     Returns the class name."""
     from diffusers import DiffusionPipeline
 
+    from ddpm.models.export import CONDITIONAL_CLASS, CUSTOM_PIPELINE
+    from ddpm.sampling.pretrained import pipeline_class
+
     pipeline_files(pipeline)
+    own_code = pipeline_class(pipeline) == CONDITIONAL_CLASS
+    if own_code and (pipeline / "pipeline.py").read_bytes() != CUSTOM_PIPELINE.read_bytes():
+        raise UserError(f"--pipeline: {pipeline}/pipeline.py is not the code this project exports; export it again")
     try:
-        pipe = DiffusionPipeline.from_pretrained(pipeline)
+        # the folder's code is this project's own file (checked above): loading it is what a user's load does
+        pipe = DiffusionPipeline.from_pretrained(pipeline, trust_remote_code=own_code)
     except Exception as e:  # diffusers raises many types for missing, truncated or mismatched files
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
@@ -107,6 +117,9 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
     sampler_cls, sampler_extra = sampler_recipe(DEFAULT_SAMPLER, scheduler)
     sampler_args = ", ".join(f"{k}={v!r}" for k, v in sampler_extra.items())
     data = cfg.get("data", {})
+    index = json.loads((pipeline / "model_index.json").read_text())
+    id2label = index.get("id2label") if isinstance(index.get("_class_name"), list) else None
+    classes = [id2label[str(i)] for i in range(len(id2label))] if id2label else []
     dataset = {
         "digits": "scikit-learn's 8x8 handwritten digits (1,797 images, upscaled)",
         "folder": "a local image folder",
@@ -138,7 +151,8 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         library_name="diffusers",
         license=license,
         pipeline_tag="unconditional-image-generation",
-        tags=["pytorch", "diffusers", "unconditional-image-generation", "ddpm"],
+        tags=["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
+        + (["class-conditional", "classifier-free-guidance"] if classes else []),
         datasets=[data["path"]] if data.get("source") == "hf" else None,
         base_model=base["init_from"] if base and base_is_hub else None,  # the Hub links the two models
     )
@@ -161,6 +175,17 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
         ]
     elif base:
         lines += [f"Fine-tuned from `{base['init_from']}` (UNet weights SHA-256 `{base['init_hash']}`).", ""]
+    if classes:
+        shown = ", ".join(f"`{c}`" for c in classes[:50]) + (
+            f" and {len(classes) - 50} more" if len(classes) > 50 else ""
+        )
+        lines += [
+            f"Class-conditional, with classifier-free guidance: {len(classes)} classes, {shown} (ids 0-"
+            f"{len(classes) - 1}, in that order). One network predicts both ways: the null class (id {len(classes)}) "
+            f"is its unconditional prediction, learnt from the {cfg.get('train', {}).get('label_dropout', 0.1):g} "
+            "of training labels dropped to it.",
+            "",
+        ]
     if final_grid(run_dir):
         t = cfg.get("train", {})
         lines += [
@@ -170,17 +195,39 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
             f"seeds 0-{t.get('sample_images', 64) - 1}.",
             "",
         ]
+    if classes:
+        # diffusers runs the pipeline.py saved with the weights (model_index.json names it), hence trust_remote_code
+        scale = cfg.get("train", {}).get("sample_guidance_scale", 1.0)
+        lines += [
+            "## Usage",
+            "",
+            "```python",
+            f"from diffusers import DiffusionPipeline, {sampler_cls.__name__}",
+            "",
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)',
+            f"pipe.scheduler = {sampler_cls.__name__}.from_config(pipe.scheduler.config, {sampler_args})",
+            f"labels = {[classes[i % len(classes)] for i in range(min(4, 2 * len(classes)))]!r}  # names or ids",
+            f"images = pipe(class_labels=labels, guidance_scale={scale:g}, num_inference_steps={DEFAULT_STEPS}).images",
+            "```",
+            "",
+            "`guidance_scale`: 1 is the conditional model alone, 0 the unconditional one; above 1 each step runs both "
+            "in one batch and moves away from the unconditional prediction.",
+            "",
+        ]
+    else:
+        lines += [
+            "## Usage",
+            "",
+            "```python",
+            f"from diffusers import DDPMPipeline, {sampler_cls.__name__}",
+            "",
+            f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
+            f"pipe.scheduler = {sampler_cls.__name__}.from_config(pipe.scheduler.config, {sampler_args})",
+            f"images = pipe(batch_size=16, num_inference_steps={DEFAULT_STEPS}).images",
+            "```",
+            "",
+        ]
     lines += [
-        "## Usage",
-        "",
-        "```python",
-        f"from diffusers import DDPMPipeline, {sampler_cls.__name__}",
-        "",
-        f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
-        f"pipe.scheduler = {sampler_cls.__name__}.from_config(pipe.scheduler.config, {sampler_args})",
-        f"images = pipe(batch_size=16, num_inference_steps={DEFAULT_STEPS}).images",
-        "```",
-        "",
         "## Training",
         "",
         f"- steps: {summary.get('steps', 'unknown')}; resolution {unet['sample_size']}; "

@@ -28,7 +28,9 @@ def pipeline_class(model: str | Path) -> str:
         return "DDPMPipeline"
     try:
         if path.exists():
-            return json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+            name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+            # a pipeline with its own code names [file, class] (a class-conditional export: ddpm.models.export)
+            return name[1] if isinstance(name, list) and len(name) == 2 else name
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.load_config(str(model)).get("_class_name", "")  # a Hub id: the cached index only
@@ -49,6 +51,10 @@ def load_any_pipeline(model: str, dtype: str = "fp32"):
         return load_pipeline(path).to(dtype=DTYPES[dtype])
     if path.exists() and not (path / "model_index.json").is_file():
         raise UserError(f"--model {model}: a local path but not a diffusers pipeline (no model_index.json)")
+    from ddpm.models.export import CONDITIONAL_CLASS, load_pipeline
+
+    if path.exists() and pipeline_class(path) == CONDITIONAL_CLASS:  # ours: built without running the folder's code
+        return load_pipeline(path).to(dtype=DTYPES[dtype])
     try:
         return DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype])
     except Exception as e:  # missing files, unknown repo, no network: diffusers and the Hub raise many types

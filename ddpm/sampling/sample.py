@@ -1,8 +1,10 @@
-"""Sampling: reverse diffusion with any diffusers scheduler that fits an unconditional UNet.
+"""Sampling: reverse diffusion with any diffusers scheduler, for an unconditional or a class-conditional UNet.
 
 Every image has its own generator seeded by its seed, so image k is the same whatever the batch
 size, the device or the number of processes: that is what makes grids comparable across runs
 and sweeps. Noise is drawn on the CPU and then moved, so a seed gives the same start on any device.
+A class-conditional model takes a label per image and a guidance scale (ddpm.sampling.guidance): an image is a
+function of its seed, its label and the scale only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.errors import UserError
+from ddpm.sampling.guidance import predict
 
 # name -> (scheduler class, settings on top of the trained noise schedule)
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
@@ -127,12 +130,18 @@ def generate_batches(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    labels: list[int] | None = None,
+    guidance_scale: float = 1.0,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(seeds, images as (n, H, W, 3) uint8) per batch, so that a caller can write each batch and forget it:
     memory stays one batch deep whatever the number of images. A grey (one-channel) model's images come with three
-    equal channels, so that grids, PNGs and metrics see one format."""
+    equal channels, so that grids, PNGs and metrics see one format. `labels`: the class of each seed's image, for a
+    class-conditional model (None for an unconditional one), guided with `guidance_scale`."""
     device = torch.device(device)
     res, channels = unet.config.sample_size, unet.config.in_channels
+    null = (unet.config.get("num_class_embeds") or 1) - 1  # the null class: the class embedding's last entry
+    if labels is not None and len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds")
     takes_generator = "generator" in inspect.signature(sampler.step).parameters
     bar = tqdm(
         total=len(seeds) * steps,
@@ -144,6 +153,7 @@ def generate_batches(
     try:  # closed when the caller stops early too (a write that failed): the bar ends before the error is shown
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
+            classes = None if labels is None else torch.tensor(labels[start : start + batch_size], device=device)
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
             sampler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
             x = randn_tensor((len(chunk), channels, res, res), generator=generators, device=device, dtype=torch.float32)
@@ -153,7 +163,7 @@ def generate_batches(
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
-                    pred = unet(model_in, t).sample
+                    pred = predict(unet, model_in, t, classes, guidance_scale, null)
                 kwargs = {"generator": generators} if takes_generator else {}
                 x = sampler.step(pred.float(), t, x, **kwargs).prev_sample
                 bar.update(len(chunk))
@@ -172,9 +182,13 @@ def generate(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    labels: list[int] | None = None,
+    guidance_scale: float = 1.0,
 ) -> np.ndarray:
     """Images for the given seeds, as (N, H, W, 3) uint8, all in memory (see generate_batches to stream)."""
-    batches = generate_batches(unet, sampler, seeds, steps, batch_size, device, autocast_dtype, progress)
+    batches = generate_batches(
+        unet, sampler, seeds, steps, batch_size, device, autocast_dtype, progress, labels, guidance_scale
+    )
     return np.concatenate([images for _, images in batches])
 
 
@@ -191,6 +205,18 @@ def make_grid(images: np.ndarray, min_cell: int = 64, pad: int = 2, cols: int = 
         cell = Image.fromarray(img).resize((cw, ch), Image.Resampling.NEAREST)
         grid.paste(cell, (pad + (i % cols) * (cw + pad), pad + (i // cols) * (ch + pad)))
     return grid
+
+
+def class_grid(
+    images: np.ndarray, labels: list[int], num_classes: int, min_cell: int = 64, pad: int = 2
+) -> Image.Image:
+    """A grid with a row per class (row c: the images of label c, in the order given), for a class-conditional
+    model's samples."""
+    rows = [[img for img, c in zip(images, labels) if c == k] for k in range(num_classes)]
+    cols = max(len(r) for r in rows)
+    blank = np.full_like(images[0], 255)
+    cells = [r[j] if j < len(r) else blank for r in rows for j in range(cols)]
+    return make_grid(np.stack(cells), min_cell, pad, cols=cols)
 
 
 def save_images(images: np.ndarray, seeds: list[int], out_dir: Path, grid_images: int = 64) -> Path:

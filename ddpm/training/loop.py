@@ -7,6 +7,7 @@ gradients, update weights, update EMA, maintenance (status, grids, scores), snap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ddpm.config import Config
 from ddpm.data.batches import to_model_input
 from ddpm.errors import RunStopped
-from ddpm.models.export import export_pipeline
+from ddpm.models.export import export_pipeline, make_pipeline
 from ddpm.models.schedule import NoiseProcess, build_scheduler
 from ddpm.models.unet import architecture
 from ddpm.sampling.sample import make_sampler
 from ddpm.training.communication import collective_failures
 from ddpm.training.divergence import skip_optimizer_step
+from ddpm.training.labels import drop_labels, resolve_num_classes
 from ddpm.training.lock import RunLock
 from ddpm.training.recovery import TrainingDiverged, Watchdog
 from ddpm.training.reports import sample_grid, score_ema
@@ -112,10 +113,12 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         accelerator.is_main_process,
     )
 
-    # Load dataset.
+    # Load dataset (with its labels for a class-conditional model, whose number of classes it decides).
     data = open_data(cfg.data, t.batch_size, cfg.seed, accelerator, run_dir)
     if is_main:
         lock.refresh()  # the cache build can take long: show other hosts that this run is alive
+    num_classes = resolve_num_classes(cfg.model, data.class_names, data.labels_max)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))  # auto resolved
     steps_per_epoch = data.batches_per_epoch / t.grad_accum  # optimizer steps run on across epoch boundaries
     total = t.max_steps or max(1, t.epochs * data.batches_per_epoch // t.grad_accum)
     images_per_step = t.batch_size * t.grad_accum * world  # e.g. 64 x 1 x 1 = 64 images per optimizer step
@@ -147,7 +150,9 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
     )
     # What notices a breaking run and what it did about it (ddpm.training.recovery), carried through checkpoints.
     watchdog = Watchdog(t, ckpt_dir, state, accelerator, tracker, resumed)
-    evaluator, owed = open_evaluator(cfg.data, t, accelerator, tracker, run_dir, step, bool(resumed), total)
+    evaluator, owed = open_evaluator(
+        cfg.data, t, accelerator, tracker, run_dir, step, bool(resumed), total, data.class_names
+    )
     sampler = make_sampler(t.sample_scheduler, scheduler)
     autocast_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
     grid = partial(sample_grid, ema, sample_unet, sampler, t, run_dir, tracker, autocast_dtype)  # grid(step)
@@ -183,12 +188,13 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         while step < total:
             # Accumulate gradients over grad_accum micro-batches; DDP syncs only on the last one.
             for _ in range(t.grad_accum):
-                (epoch, batch), images = next(loader)
+                (epoch, batch), images, labels = next(loader)
                 x0 = to_model_input(images, device, cfg.data.random_flip, generator)
                 eps = torch.randn(x0.shape, device=device, generator=generator).contiguous(memory_format=memory_format)
                 timesteps = noise.sample_timesteps(x0.shape[0], device, generator)
+                classes = drop_labels(labels, num_classes, t.label_dropout, device, generator) if num_classes else None
                 with accelerator.accumulate(model), attention():
-                    pred = model(noise.add_noise(x0, eps, timesteps), timesteps).sample
+                    pred = model(noise.add_noise(x0, eps, timesteps), timesteps, class_labels=classes).sample
                     loss = noise.loss(pred, x0, eps, timesteps)
                     accelerator.backward(loss)
                 watchdog.add_loss(loss)
@@ -276,11 +282,11 @@ def _train(cfg: Config, accelerator: Accelerator, lock: RunLock, stop: StopReque
         bar.close()
         loader.close()
 
-    # Done: export the EMA weights as a DDPMPipeline, and the final grid.
+    # Done: export the EMA weights as a DDPMPipeline (class-conditional: with its pipeline's code), and the final grid.
     export_dir = run_dir / "pipeline"
     if is_main and not stopped_early:
         ema.copy_to(sample_unet.parameters())
-        export_pipeline(DDPMPipeline(unet=sample_unet, scheduler=scheduler), export_dir)
+        export_pipeline(make_pipeline(sample_unet, scheduler, data.class_names), export_dir)
         final_grid = grid(step)
         (run_dir / "summary.json").write_text(
             json.dumps({"steps": step, "pipeline": str(export_dir), "grid": str(final_grid)}, indent=1)

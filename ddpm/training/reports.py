@@ -14,7 +14,9 @@ from ddpm.config import TrainConfig
 from ddpm.evaluation.evaluate import TrainingEvaluator
 from ddpm.evaluation.metrics import METRICS
 from ddpm.evaluation.scores import append_score, read_scores
-from ddpm.sampling.sample import generate, make_grid
+from ddpm.models.unet import num_classes_of
+from ddpm.sampling.guidance import round_robin
+from ddpm.sampling.sample import class_grid, generate, make_grid
 from ddpm.tracking import Tracker
 from ddpm.training.ema import EMA
 
@@ -36,8 +38,12 @@ def sample_grid(
     autocast_dtype: torch.dtype | None,
     step: int,
 ) -> Path:
-    """A grid from the EMA weights (copied into `unet`) with seeds 0..n-1, the same noise in every run."""
+    """A grid from the EMA weights (copied into `unet`) with seeds 0..n-1, the same noise in every run; a
+    class-conditional model's has a row per class (seed i gets class i mod classes), guided with
+    train.sample_guidance_scale."""
     ema.copy_to(unet.parameters())
+    num_classes = num_classes_of(unet)
+    labels = round_robin(t.sample_images, num_classes) if num_classes else None
     images = generate(
         unet,
         sampler,
@@ -46,15 +52,18 @@ def sample_grid(
         batch_size=64,
         device=unet.device,
         autocast_dtype=autocast_dtype,
+        labels=labels,
+        guidance_scale=t.sample_guidance_scale,
     )
     path = run_dir / "samples" / f"step-{step:08d}.png"
     path.parent.mkdir(exist_ok=True)
-    make_grid(images).save(path)
+    (class_grid(images, labels, num_classes) if labels else make_grid(images)).save(path)
+    per_class = f", a row per class, guidance {t.sample_guidance_scale:g}" if labels else ""
     tracker.log_image(
         "samples",
         path,
         step,
-        caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}",
+        caption=f"EMA, {t.sample_scheduler} {t.sample_steps} steps, seeds 0-{t.sample_images - 1}{per_class}",
     )
     return path
 
@@ -72,7 +81,7 @@ def score_ema(
 ) -> None:
     """Score the EMA weights on every process; the main process logs the score and keeps it in scores.jsonl."""
     ema.copy_to(unet.parameters())
-    scores = evaluator(unet, sampler, t.sample_steps, t.batch_size, autocast_dtype)
+    scores = evaluator(unet, sampler, t.sample_steps, t.batch_size, autocast_dtype, t.sample_guidance_scale)
     if scores is None:
         return
     fd, kd = METRICS[scores["metric"]][:2]

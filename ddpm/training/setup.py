@@ -77,6 +77,8 @@ class Data(NamedTuple):
     open_loader: Callable[[int, int], BatchLoader | ShardLoader]  # (epoch, batch): this rank's batches from there on
     batches_per_epoch: int  # per rank, the same on every rank
     images: int  # in the dataset
+    class_names: list[str] | None = None  # class index -> name where the data is labelled (data.labels)
+    labels_max: int = -1  # the largest label in the cache (-1: unknown before reading, as for shards)
 
 
 def open_data(data: DataConfig, batch_size: int, seed: int, accelerator: Accelerator, run_dir: Path) -> Data:
@@ -86,11 +88,14 @@ def open_data(data: DataConfig, batch_size: int, seed: int, accelerator: Acceler
     pin_memory = accelerator.device.type == "cuda"
     if data.source == "webdataset":
         shards = open_shards(data)
+        if is_main and shards.class_names is not None:
+            write_json(run_dir / "classes.json", {"class_names": shards.class_names})
         shard_order = ShardOrder(shards.counts, batch_size, seed, rank, world)
         return Data(
             lambda epoch, batch: ShardLoader(shards, shard_order, data, epoch, batch, pin_memory),
             shard_order.batches_per_epoch,
             len(shards),
+            shards.class_names,
         )
     processes = Processes(rank, world, accelerator.wait_for_everyone, lambda v: broadcast_object_list([v])[0])
     cache = open_cache(data, show_progress=is_main, processes=processes)
@@ -99,9 +104,15 @@ def open_data(data: DataConfig, batch_size: int, seed: int, accelerator: Acceler
         write_json(
             run_dir / "skipped_images.json", {"count": len(cache.meta["skipped"]), "images": cache.meta["skipped"]}
         )
+    if is_main and cache.class_names is not None:  # what the export and its model card call the classes
+        write_json(run_dir / "classes.json", {"class_names": cache.class_names})
     order = BatchOrder(len(cache), batch_size, seed, rank, world)
     return Data(
-        lambda epoch, batch: BatchLoader(cache, order, epoch, batch, pin_memory), order.batches_per_epoch, len(cache)
+        lambda epoch, batch: BatchLoader(cache, order, epoch, batch, pin_memory),
+        order.batches_per_epoch,
+        len(cache),
+        cache.class_names,
+        int(cache.labels.max()) if cache.labels is not None and len(cache.labels) else -1,
     )
 
 
@@ -234,12 +245,15 @@ def open_evaluator(
     step: int,
     resumed: bool,
     total: int,
+    class_names: list[str] | None = None,
 ) -> tuple[TrainingEvaluator | None, bool]:
     """The in-training evaluator (None when train.eval_every=0), and whether this launch owes a score for the step
     it starts at: a launch stopped at an evaluation step wrote its checkpoint before scoring it."""
     evaluator, owed = None, False
     if t.eval_every:
-        evaluator = TrainingEvaluator(data, t.eval_images, t.eval_reference_images, t.eval_metric, accelerator)
+        evaluator = TrainingEvaluator(
+            data, t.eval_images, t.eval_reference_images, t.eval_metric, accelerator, class_names
+        )
         tracker.define_best([f"eval/{c}" for c in METRICS[evaluator.metric][:2]])
         if accelerator.is_main_process:
             drop_training_scores_after(run_dir, step)
