@@ -20,24 +20,35 @@ from tests.conftest import ROOT
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def joined_lines(lines: list[str]):
+    """(number of its first line, the line) for each line with the shell's backslash continuations joined."""
+    pending, start = "", 0
+    for n, line in enumerate(lines, 1):
+        if pending:
+            line, pending = pending + " " + line.strip(), ""
+        else:
+            start = n
+        if line.rstrip().endswith("\\"):
+            pending = line.rstrip()[:-1]
+            continue
+        yield start, line
+
+
+def code_block_lines(text: str) -> list[str]:
+    """The lines inside fenced code blocks; every other line (the fences too) blank, so the numbers stay the file's."""
+    out, in_block = [], False
+    for line in text.splitlines():
+        fence = line.startswith("```")
+        in_block ^= fence
+        out.append(line if in_block and not fence else "")
+    return out
+
+
 def doc_commands() -> list[tuple[str, list[str]]]:
     """(where, argv after `ddpm`) for each ddpm command line in a fenced code block."""
     found = []
     for path in DOCS:
-        in_block, pending, start = False, "", 0
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.startswith("```"):
-                in_block = not in_block
-                continue
-            if not in_block:
-                continue
-            if pending:
-                line, pending = pending + " " + line.strip(), ""
-            else:
-                start = n
-            if line.rstrip().endswith("\\"):
-                pending = line.rstrip()[:-1]
-                continue
+        for start, line in joined_lines(code_block_lines(path.read_text())):
             m = re.match(r"^(?:\.venv/bin/)?ddpm (.*)$", line.strip())
             if not m:
                 continue
@@ -73,18 +84,10 @@ def docker_runs_with_gpus() -> list[tuple[str, str]]:
     and in the Dockerfile's usage comment, continuation lines joined."""
     found = []
     for path in [*DOCS, ROOT / "containers" / "Dockerfile"]:
-        comment = path.name == "Dockerfile"
-        pending, start = "", 0
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if comment:
-                line = line.removeprefix("#")
-            if pending:
-                line, pending = pending + " " + line.strip(), ""
-            else:
-                start = n
-            if line.rstrip().endswith("\\"):
-                pending = line.rstrip()[:-1]
-                continue
+        lines = path.read_text().splitlines()
+        if path.name == "Dockerfile":
+            lines = [line.removeprefix("#") for line in lines]
+        for start, line in joined_lines(lines):
             if re.search(r"\bdocker run\b", line) and "--gpus" in line:
                 found.append((f"{path.name}:{start}", line.strip()))
     return found
