@@ -550,7 +550,7 @@ def test_a_class_conditional_training_grid_runs_scores_class_accuracy_and_export
     )
     print(r.stdout, r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
-    grid = json.loads((grid_runs / "grid-cond" / "grid.json").read_text())
+    grid = json.loads((grid_runs / "cond-grid" / "grid.json").read_text())
     assert len(grid["points"]) == 2
     for point in grid["points"]:
         run_dir = Path(point["run_dir"])
