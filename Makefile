@@ -161,7 +161,10 @@ IMAGE ?= ddpm:latest
 # The first engine that answers (a docker client without a daemon does not count); evaluated only by these targets.
 ENGINE ?= $(shell for e in docker podman buildah; do command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+# The revision is also given as --label: buildah and podman (buildah 1.28 at least) reuse a cached LABEL layer whose
+# build argument changed, so a commit that touches no copied file would keep the previous commit's revision label.
 BUILD_ARGS = --build-arg CUDA=$(CUDA) --build-arg GIT_SHA=$(GIT_SHA) --build-arg LOCK_SHA256=$(shell sha256sum uv.lock | cut -d' ' -f1) \
+	--label org.opencontainers.image.revision=$(GIT_SHA) \
 	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 

@@ -58,7 +58,8 @@ secret=()
 log "building containers/Dockerfile (base $BASE)"
 buildah bud --isolation chroot --layers --quiet -f containers/Dockerfile -t "$IMAGE" \
   --build-arg "BASE_IMAGE=$BASE" --build-arg INCEPTION_WEIGHTS=none \
-  --build-arg "GIT_SHA=$git_sha" --build-arg "LOCK_SHA256=$lock_sha" "${secret[@]}" . >/dev/null
+  --build-arg "GIT_SHA=$git_sha" --build-arg "LOCK_SHA256=$lock_sha" "${secret[@]}" \
+  --label "org.opencontainers.image.revision=$git_sha" . >/dev/null  # as make image: see BUILD_ARGS in the Makefile
 log "built in $((SECONDS - start)) s"
 
 # 3. What the image promises: a non-root user, the labels, the entrypoint.
