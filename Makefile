@@ -17,7 +17,7 @@ help:
 	@echo "make test-slow                                             the long variants: SLURM cluster, fault injection (CI runs both)"
 	@echo "make lint / format                                         ruff: check formatting and lint / fix them"
 	@echo "make sample [PIPELINE=runs/<name>/pipeline]               64 images, default sampler; from runs/digits-16px, else the newest export"
-	@echo "make bench [ARGS=--quick|--ablation|--sampling]           speed figures (bench/), appended to docs/benchmarks.md"
+	@echo "make bench [ARGS=--quick|--ablation|--sampling|--guidance] speed figures (bench/), appended to docs/benchmarks.md"
 	@echo "make bench-gpu [ARGS=--quick]                             GPU figures: training MFU, sampling at batch 256"
 	@echo "make submit-train CLUSTER=local [CONFIG=...] [NODES=2]     multi-node training on SLURM (submitit)"
 	@echo "make submit-prepare CLUSTER=local [CONFIG=...] [TASKS=4]   decode the data on CPU nodes; then submit-train AFTER=id"

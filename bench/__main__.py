@@ -8,9 +8,11 @@ Every figure is a ratio measured in one run, because the machines are shared and
 - sampling: images/s at batch 256 of DDPM 1000 steps against the fast samplers on the same trained
   model (fp32, and the default sampler in the precision "auto" picks: bf16 where the CPU has it), with
   FD-digitsnet (ddpm.evaluation.metrics) on the same images beside each (`--sampling`: this stage alone);
+- guidance (`--guidance`: this stage alone): sampling img/s of an unconditional UNet against the class-conditional
+  one at guidance scale 1 and 2 (bench/guidance.py);
 - peak memory of each stage (RSS on CPU, max allocated on GPU): each stage runs in its own child process.
 
-Run: python -m bench [--quick] [--ablation] [--compile] [--sampling] [--pipeline P] [--out F] [--workdir D]
+Run: python -m bench [--quick] [--ablation] [--compile] [--sampling] [--guidance] [--pipeline P] [--out F] [--workdir D]
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 from bench.ablation import stage_step_ablation
 from bench.child import in_child
 from bench.data import make_images, stage_data
-from bench.report import ablation_report, machine, report, sampling_report
+from bench.guidance import stage_guidance
+from bench.report import ablation_report, guidance_report, machine, report, sampling_report
 from bench.sampling import BATCH, FULL_RUNS, QUICK_RUNS, quick_pipeline, stage_sampling
 from bench.training import stage_ddpm_train, stage_reference_train
 
@@ -42,6 +45,8 @@ class BenchConfig:
     ablation: bool = False  # instead: the training step one change at a time (the table behind the defaults)
     compile: bool = False  # with ablation: also time torch.compile (minutes of compilation on a CPU)
     sampling: bool = False  # only the sampling table (speed and FD of each sampler on the trained model)
+    guidance: bool = False  # only the cost of guidance (unconditional against class-conditional sampling)
+    guidance_config: str = "configs/digits-16px.yaml"  # the architecture that --guidance times
 
 
 def _append(path: str, text: str) -> None:
@@ -66,7 +71,7 @@ def run(cfg: BenchConfig) -> dict:
         return {"ablation": rows}
     windows, window_steps, warmup = (2, 2, 2) if q else (5, 10, 10)
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="ddpm-bench-"))
-    args = " ".join(a for a, on in (("--quick", q), ("--sampling", cfg.sampling)) if on)
+    args = " ".join(a for a, on in (("--quick", q), ("--sampling", cfg.sampling), ("--guidance", cfg.guidance)) if on)
     results: dict = {
         "machine": machine(),
         "command": "make bench" + (f" ARGS={args}" if " " not in args and args else f' ARGS="{args}"' if args else ""),
@@ -74,6 +79,19 @@ def run(cfg: BenchConfig) -> dict:
         "quick": q,
     }
     print(f"benchmarking on {results['machine']} (workdir {workdir})", flush=True)
+    if cfg.guidance:
+        from ddpm.config import DEFAULT_STEPS
+
+        # quick: a tiny batch and two steps run every case once (CI); else the batch and steps the sampling table
+        # uses on a CPU evaluation (128, the default sampler's 25 steps), or 256 on a GPU.
+        batch, steps, repeats = (4, 2, 1) if q else (256 if gpu else 128, DEFAULT_STEPS, 3)
+        results["guidance"] = in_child(stage_guidance, cfg.guidance_config, 10, batch, steps, repeats)
+        text = guidance_report(results)
+        print(text, flush=True)
+        if cfg.out:
+            _append(cfg.out, text)
+            print(f"appended to {cfg.out}")
+        return results
     if cfg.sampling:
         results["sampling"] = _sampling(cfg, workdir)
         text = sampling_report(results)
@@ -130,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="with --ablation: include torch.compile (slow to compile on a CPU)"
     )
     p.add_argument("--sampling", action="store_true", help="only the sampling table (needs the trained model)")
+    p.add_argument(
+        "--guidance", action="store_true", help="only the cost of guidance: unconditional against conditional sampling"
+    )
     return p
 
 
@@ -151,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         ablation=args.ablation,
         compile=args.compile,
         sampling=args.sampling,
+        guidance=args.guidance,
     )
     try:
         run(cfg)

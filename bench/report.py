@@ -109,3 +109,29 @@ def _sampling_table(smp: dict) -> list[str]:
             f"| {row['s_per_img']:.4f} | {base['s_per_img'] / row['s_per_img']:.1f}x | {row['fd']:.2f} |"
         )
     return lines
+
+
+def guidance_report(r: dict) -> str:
+    """The results of `python -m bench --guidance` as a markdown section."""
+    g = r["guidance"]
+    quick = " (quick mode: sizes too small for speed claims)" if r["quick"] else ""
+    lines = [
+        f"### {r['date']}: {r['machine']}",
+        "",
+        f"Command: `{r['command']}`" + quick,
+        "",
+        f"Sampling speed of the `{g['config']}` UNet (fresh weights: speed does not depend on them) without and with "
+        f"a class embedding of {g['num_classes']} classes: {g['batch']} images in one batch, {g['steps']} steps of "
+        f"{g['sampler']}, {g['precision']}, median of {g['repeats']} interleaved rounds (each round's figure in "
+        f"brackets; peak RSS {g['peak_rss_mib']:.0f} MiB):",
+        "",
+        "| model | network inputs per image and step | img/s | time per image against unconditional |",
+        "|---|---|---|---|",
+    ]
+    for row in g["rows"]:
+        runs = ", ".join(f"{x:.1f}" for x in row["img_s_runs"])
+        lines.append(
+            f"| {row['case']} | {row['inputs_per_image_step']:g} | {row['img_s']:.1f} ({runs}) "
+            f"| {row['time_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)

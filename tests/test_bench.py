@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.__main__ import BenchConfig, run
-from bench.report import report, sampling_report
+from bench.report import guidance_report, report, sampling_report
 from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ddpm.device import auto_precision
 
@@ -36,6 +36,18 @@ def test_quick_bench_sampling_alone_reports_images_per_second(tmp_path):
     text = sampling_report(results)
     assert 'make bench ARGS="--quick --sampling"' in text and "| img/s |" in text
     assert "| dpmsolver++ | 10 | fp32 |" in text
+
+
+@pytest.mark.slow
+def test_quick_guidance_bench_times_the_three_cases_with_what_each_asks_of_the_network(tmp_path):
+    results = run(BenchConfig(quick=True, guidance=True, workdir=str(tmp_path)))
+    rows = {r["case"]: r for r in results["guidance"]["rows"]}
+    assert list(rows) == ["unconditional", "conditional, scale 1", "conditional, scale 2"]
+    # Scale 1 is one conditional pass; scale 2 feeds both halves, twice the images, through the network each step.
+    assert [r["inputs_per_image_step"] for r in rows.values()] == [1, 1, 2]
+    assert rows["unconditional"]["time_ratio"] == 1 and all(r["img_s"] > 0 for r in rows.values())
+    text = guidance_report(results)
+    assert 'make bench ARGS="--quick --guidance"' in text and "| conditional, scale 2 | 2 |" in text
 
 
 @pytest.mark.slow
