@@ -81,4 +81,6 @@ def test_an_error_on_one_process_ends_all_of_them_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ddpm train: error: process 0 of 2 failed") and "broken.png: cannot decode" in last
     assert "Traceback" not in result.stderr  # a user error, not a crash
-    assert elapsed < 120  # not the process-group time-out (60 min): the launcher stopped process 1
+    # Not the process-group time-out (60 min): the launcher stopped process 1. The bound leaves room for a loaded
+    # machine (this took over 120 s once on 2 busy cores) and is still far from the time-out it tells apart.
+    assert elapsed < 600
