@@ -90,5 +90,6 @@ def stage_guidance(config: str, num_classes: int, batch: int, steps: int, repeat
         "repeats": repeats,
         "sampler": DEFAULT_SAMPLER,
         "precision": placement.precision,
+        "threads": torch.get_num_threads(),
         **peak_memory(),
     }

@@ -122,8 +122,8 @@ def guidance_report(r: dict) -> str:
         "",
         f"Sampling speed of the `{g['config']}` UNet (fresh weights: speed does not depend on them) without and with "
         f"a class embedding of {g['num_classes']} classes: {g['batch']} images in one batch, {g['steps']} steps of "
-        f"{g['sampler']}, {g['precision']}, median of {g['repeats']} interleaved rounds (each round's figure in "
-        f"brackets; peak RSS {g['peak_rss_mib']:.0f} MiB):",
+        f"{g['sampler']}, {g['precision']}, {g['threads']} torch thread(s), median of {g['repeats']} interleaved "
+        f"rounds (each round's figure in brackets; peak RSS {g['peak_rss_mib']:.0f} MiB):",
         "",
         "| model | network inputs per image and step | img/s | time per image against unconditional |",
         "|---|---|---|---|",
