@@ -4,8 +4,9 @@
 
 The run must have trained with EMA profiles (optim.ema_profiles) and snapshots (train.ema_snapshot_every): the
 least-squares solution of Karras et al. 2024 (EDM2, ddpm/models/phema.py) combines every snapshot up to the step.
-The export is a plain DDPMPipeline, with ema.json beside its files saying its sigma_rel and step; `ddpm sample`,
-`ddpm evaluate`, sweeps and `ddpm upload` (its model card says the sigma_rel) take it as any other.
+The export is a plain DDPMPipeline (a class-conditional run's: its conditional pipeline, with the class names), with
+ema.json beside its files saying its sigma_rel and step; `ddpm sample`, `ddpm evaluate`, sweeps and `ddpm upload`
+(its model card says the sigma_rel) take it as any other.
 """
 
 from __future__ import annotations
@@ -38,17 +39,23 @@ CONFIG = EmaConfig
 
 def run(cfg: EmaConfig) -> Path:
     from ddpm.files import writable_dir, writing
-    from ddpm.models.phema import export_reconstruction, reconstruction_error
+    from ddpm.models.phema import export_reconstruction, reconstruction_error, reconstruction_settings
 
     cfg.validate()
     step = cfg.step or None
     if cfg.out:
-        writable_dir(Path(cfg.out).parent, "the output folder")
+        out = Path(cfg.out)
+        writable_dir(out.parent, "the output folder")
+        if (out / "model_index.json").is_file() and reconstruction_settings(out) is None:
+            raise ConfigError(f"--out {out} holds a pipeline that is not a post-hoc EMA export; give a new directory")
+    # The check first: it needs a checkpoint of the step (pruned ones are gone), and a refusal after the export
+    # would leave the user unsure which of the two had worked.
+    rows = reconstruction_error(Path(cfg.run), step) if cfg.check else []
     with writing(("the output folder", Path(cfg.out or cfg.run).parent)):
         out = export_reconstruction(Path(cfg.run), cfg.sigma_rel, step, Path(cfg.out) if cfg.out else None)
     print(f"pipeline: {out} (post-hoc EMA, sigma_rel {cfg.sigma_rel:g})")
     if cfg.check:
-        for row in reconstruction_error(Path(cfg.run), step):
+        for row in rows:
             print(
                 f"check: sigma_rel {row['sigma_rel']:g} at step {row['step']} rebuilt from {row['profiles_used']} "
                 f"other snapshot profiles: |rebuilt - tracked| = {row['relative_error']:.4f} x the distance to the "

@@ -206,3 +206,36 @@ def test_ddpm_ema_errors_are_one_line(tiny):
     ):
         result = cli("ema", *args)
         assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ddpm_ema_never_replaces_what_is_not_a_post_hoc_export_and_checks_before_exporting(tiny, tmp_path):
+    cfg = load_config(None, tiny("train.ema_snapshot_every=2", "train.keep_checkpoints=1"))
+    train(cfg)
+    run_files = sorted(p.name for p in cfg.run_dir.iterdir())
+    for out, says in (
+        (cfg.run_dir, "it holds files and is not a pipeline"),  # the run directory itself
+        (cfg.run_dir / "pipeline", "holds a pipeline that is not a post-hoc EMA export"),  # the classic EMA's export
+    ):
+        result = cli("ema", "--run", str(cfg.run_dir), "--sigma-rel", "0.1", "--out", str(out))
+        assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == run_files
+    assert not (cfg.run_dir / "pipeline" / "ema.json").exists()
+    # The snapshot of step 4 is kept, its checkpoint pruned: --check refuses before writing anything.
+    result = cli("ema", "--run", str(cfg.run_dir), "--sigma-rel", "0.1", "--step", "4", "--check")
+    assert result.returncode == 2 and "steps that can be checked: 6" in result.stderr, result.stderr
+    assert not (cfg.run_dir / "ema-reconstructions").exists()
+
+
+def test_ddpm_ema_of_a_class_conditional_run_exports_its_conditional_pipeline(tiny):
+    from diffusers import DiffusionPipeline
+
+    cfg = load_config(None, tiny("train.ema_snapshot_every=2", "model.num_classes=auto"))
+    train(cfg)
+    result = cli("ema", "--run", str(cfg.run_dir), "--sigma-rel", "0.1")
+    assert result.returncode == 0, result.stderr
+    out = cfg.run_dir / "ema-reconstructions" / "step-00000006-sigma_rel-0.1"
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe).__name__ == "ClassConditionalDDPMPipeline" and pipe.config.id2label["3"] == "3"
+    images = pipe(class_labels=[3], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
+    assert cli("sample", "--pipeline", str(out), "--label", "3", "--steps", "2", "--num-images", "1").returncode == 0

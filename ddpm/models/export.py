@@ -65,6 +65,10 @@ def export_pipeline(pipeline: DiffusionPipeline, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if not all_finite(list(pipeline.unet.parameters())):
         raise UserError(f"not exporting {out_dir}: the weights hold NaN or inf (training diverged; see its log)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        # Only a pipeline is ever replaced: a run directory, or any folder of other files, given as the output is
+        # refused before anything in it moves.
+        raise UserError(f"not exporting into {out_dir}: it holds files and is not a pipeline; give a new directory")
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{unique_suffix()}"
     old = out_dir.parent / f".old-{out_dir.name}-{unique_suffix()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,9 +116,13 @@ def pipeline_from_checkpoint(ckpt_dir: Path) -> DiffusionPipeline:
         raise UserError(f"checkpoint {ckpt_dir}: EMA weights do not match the model in {run_config}")
     for name, p in params.items():
         p.data.copy_(ema[name])
-    classes = ckpt_dir.parent.parent / "classes.json"
-    names = json.loads(classes.read_text())["class_names"] if classes.is_file() else None
-    return make_pipeline(unet.eval(), build_scheduler(cfg.schedule), names)
+    return make_pipeline(unet.eval(), build_scheduler(cfg.schedule), run_class_names(ckpt_dir.parent.parent))
+
+
+def run_class_names(run_dir: Path) -> list[str] | None:
+    """The class names a class-conditional run trained on (<run>/classes.json); None where it has none."""
+    classes = Path(run_dir) / "classes.json"
+    return json.loads(classes.read_text())["class_names"] if classes.is_file() else None
 
 
 def run_dir_of(model: str | Path) -> Path:

@@ -239,13 +239,11 @@ def reconstruction_settings(path: Path) -> dict | None:
 
 
 def export_reconstruction(run_dir: Path, sigma_rel: float, step: int | None = None, out: Path | None = None) -> Path:
-    """The post-hoc EMA of `sigma_rel` at snapshot `step` (None: the newest) as a DDPMPipeline in `out` (default
+    """The post-hoc EMA of `sigma_rel` at snapshot `step` (None: the newest) as a pipeline in `out` (default
     reconstruction_dir), with ema.json saying what it is; an export already there from the same snapshots is kept
     as it is (a sweep that resumes samples the same files)."""
-    from diffusers import DDPMPipeline
-
     from ddpm.config import load_config
-    from ddpm.models.export import export_pipeline
+    from ddpm.models.export import export_pipeline, make_pipeline, run_class_names
     from ddpm.models.schedule import build_scheduler
     from ddpm.models.unet import build_unet
 
@@ -268,7 +266,8 @@ def export_reconstruction(run_dir: Path, sigma_rel: float, step: int | None = No
         raise UserError(f"the EMA snapshots of {run_dir} do not match the model in its config.yaml")
     for name, p in params.items():
         p.data.copy_(weights[name])
-    export_pipeline(DDPMPipeline(unet=unet.eval(), scheduler=build_scheduler(cfg.schedule)), out)
+    # A class-conditional run exports as its training export does: the conditional pipeline with its class names.
+    export_pipeline(make_pipeline(unet.eval(), build_scheduler(cfg.schedule), run_class_names(run_dir)), out)
     settings = {
         "ema": "post-hoc",
         "sigma_rel": sigma_rel,
@@ -292,9 +291,14 @@ def reconstruction_error(run_dir: Path, step: int | None = None) -> list[dict]:
 
     snapshots = list_snapshots(snapshot_dir(run_dir))
     step = max((s.step for s in snapshots), default=0) if step is None else step
-    ckpt = next((c for c in verified_checkpoints(Path(run_dir) / "checkpoints") if c.step == step), None)
-    if ckpt is None or not ckpt.has("phema.safetensors"):
-        raise UserError(f"{run_dir} has no checkpoint with EMA profiles at step {step} to check against")
+    checkable = [c for c in verified_checkpoints(Path(run_dir) / "checkpoints") if c.has("phema.safetensors")]
+    ckpt = next((c for c in checkable if c.step == step), None)
+    if ckpt is None:  # checkpoints are pruned (train.keep_checkpoints), snapshots are not
+        steps = ", ".join(str(c.step) for c in checkable) or "none"
+        raise UserError(
+            f"{run_dir} has no checkpoint with EMA profiles at step {step} to check against (steps that can be "
+            f"checked: {steps})"
+        )
     tracked = ckpt.tensors("phema")
     sigma_rels = tuple(ckpt.state["phema_sigma_rels"])
     rows = []
