@@ -27,7 +27,8 @@ class SampleConfig:
     # robin over every class, and the grid has a row per class
     guidance_scale: float = 1.0  # class-conditional models: classifier-free guidance; 1 the conditional model alone,
     # 0 the unconditional one, above 1 guided (twice the model evaluations per step)
-    out: str = ""  # output directory; "" means <pipeline>/../samples/<scheduler>-<steps>steps-seed<seed>
+    out: str = ""  # output directory; "": <run>/samples/<scheduler>-<steps>steps-seed<seed> for a run's pipeline,
+    # <run>/samples/<model>-<scheduler>-... for a checkpoint, a post-hoc EMA export or any other pipeline folder
     device: str = "auto"  # auto: CUDA if present, else the CPU
     precision: Precision = "auto"  # see ddpm.device.resolve_placement
     compile: bool = False  # torch.compile the UNet (CUDA graphs on a GPU): 3-5x faster, after 30-60 s of compiling
@@ -56,11 +57,25 @@ class SampleConfig:
         name = f"{self.scheduler}-{self.steps}steps-seed{self.seed}"
         name += f"-cfg{self.guidance_scale:g}" if self.guidance_scale != 1.0 else ""
         name += f"-labels-{'_'.join(self.labels)}"[:80] if self.labels else ""
-        return Path(self.pipeline).resolve().parent / "samples" / name
+        from ddpm.models.export import run_dir_of
+
+        model = Path(self.pipeline).resolve()
+        if model.name != "pipeline":  # two checkpoints (or two exports side by side) must not share a folder
+            name = f"{model.name}-{name}"
+        return run_dir_of(model) / "samples" / name
 
 
 CONFIG = SampleConfig
 GRID_IMAGES = 64  # grid.png shows the first 64 images (a grid of 50,000 would be gigabytes)
+
+
+def stale_images(out: Path, seeds: list[int]) -> list[Path]:
+    """The images an earlier `ddpm sample` left in `out` (it wrote settings.json) that this one will not overwrite:
+    another model's, or seeds past this run's last. A folder that ddpm sample did not write is never cleared."""
+    if not (out / "settings.json").is_file():
+        return []
+    keep = {f"seed-{s:06d}.png" for s in seeds}
+    return [p for p in sorted((out / "images").glob("seed-*.png")) if p.name not in keep]
 
 
 def run(cfg: SampleConfig) -> Path:
@@ -100,6 +115,14 @@ def run(cfg: SampleConfig) -> Path:
     )  # fmt: skip
     first: list[np.ndarray] = []  # the grid's images; the rest go to disk batch by batch (50,000 images fit)
     with writing(("the sample folder", out)), contextlib.closing(batches):
+        replaced = stale_images(out, seeds)
+        if replaced:
+            log.info("replacing the %d images of an earlier ddpm sample in %s", len(replaced), out)
+            for path in replaced:
+                path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        # Until the last image is written the folder says it is incomplete (an interrupted run leaves it so).
+        (out / "settings.json").write_text(json.dumps({**asdict(cfg), "complete": False}, indent=1))
         for chunk, images in batches:
             write_pngs(images, chunk, out / "images")
             first += list(images[: GRID_IMAGES - len(first)])
@@ -113,6 +136,7 @@ def run(cfg: SampleConfig) -> Path:
             "device": str(placement.device),
             "precision": placement.precision,
             "sampler": sampler_settings(sampler),
+            "complete": True,
         }
         (out / "settings.json").write_text(json.dumps(settings, indent=1))
     log.info("wrote %d images and %s", len(seeds), out / "grid.png")

@@ -180,3 +180,23 @@ def test_compiled_sampling_gives_the_eager_images(tiny_pipeline, tmp_path):
         a, b = (np.asarray(Image.open(d / "images" / f"seed-{seed:06d}.png")).astype(int) for d in (eager, compiled))
         assert np.abs(a - b).max() <= 2  # fused kernels round differently, by a level or two at most
     assert json.loads((compiled / "settings.json").read_text())["compile"] is True
+
+
+def test_default_folders_are_keyed_on_the_model_and_a_rerun_leaves_no_stale_images(tiny_pipeline, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    for model in ("pipeline", "step-00000002", "step-00000004"):
+        shutil.copytree(tiny_pipeline, run_dir / ("checkpoints" if model.startswith("step") else "") / model)
+    settings = dict(scheduler="ddim", steps=2, batch_size=4)
+    a = run(SampleConfig(pipeline=str(run_dir / "pipeline"), num_images=2, **settings))
+    b = run(SampleConfig(pipeline=str(run_dir / "checkpoints" / "step-00000002"), num_images=6, **settings))
+    c = run(SampleConfig(pipeline=str(run_dir / "checkpoints" / "step-00000004"), num_images=2, **settings))
+    assert a == run_dir / "samples" / "ddim-2steps-seed0"  # a run's export: where it always went
+    assert (b.name, c.name) == ("step-00000002-ddim-2steps-seed0", "step-00000004-ddim-2steps-seed0")
+    assert b.parent == c.parent == run_dir / "samples" and len(list((b / "images").iterdir())) == 6
+    # The same folder again with fewer images: the earlier run's extra seeds go, the folder matches its settings.
+    again = run(SampleConfig(pipeline=str(run_dir / "checkpoints" / "step-00000002"), num_images=3, **settings))
+    assert again == b and sorted(p.name for p in (b / "images").iterdir()) == [f"seed-00000{i}.png" for i in range(3)]
+    done = json.loads((b / "settings.json").read_text())
+    assert done["complete"] is True and done["num_images"] == 3
