@@ -105,6 +105,22 @@ def test_a_class_folder_layout_gives_sorted_class_names_and_labels_and_a_warm_st
     assert warm.path == cache.path and np.array_equal(warm.labels, cache.labels)
 
 
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """Jupyter's .ipynb_checkpoints copies and macOS's ._ files beside the classes are left out, with or without
+    labels (they stopped a labelled run with a KeyError, and an unlabelled one trained on the copies)."""
+    folder = class_folder(tmp_path / "pets")
+    for hidden in (folder / ".ipynb_checkpoints", folder / "cat" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        Image.new("RGB", (4, 4), (9, 9, 9)).save(hidden / "0-checkpoint.png")
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(folder / "dog" / "._0.png")
+    labelled = quiet(
+        DataConfig(source="folder", path=str(folder), resolution=4, cache_dir=str(tmp_path / "c"), labels=True)
+    )
+    assert labelled.class_names == ["cat", "dog", "emu"] and len(labelled) == 9
+    plain = quiet(DataConfig(source="folder", path=str(folder), resolution=4, cache_dir=str(tmp_path / "c")))
+    assert len(plain) == 9
+
+
 def test_hf_label_column_with_class_label_names(tmp_path):
     import datasets
 

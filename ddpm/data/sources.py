@@ -185,10 +185,12 @@ def _list_folder(cfg: DataConfig) -> Listing:
     fingerprint = hashlib.sha256()
     # One walk: every folder's time (the warm start's check) and every image's name, size and time (the content).
     for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
+        # Hidden folders and files are not data: .ipynb_checkpoints holds Jupyter's copies of the images, ._x.png
+        # macOS's resource forks. They are neither images nor classes.
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         folders[folder] = os.stat(folder).st_mtime_ns
         for f in sorted(files):
-            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."):
                 path = os.path.join(folder, f)
                 st = os.stat(path)
                 rel = os.path.relpath(path, root)
@@ -211,7 +213,8 @@ def _folder_labels(root: Path, names: list[str]) -> tuple[list[int], list[str]]:
     if loose:
         raise UserError(
             f"data.path: {root / loose[0]} lies at the top level of a labelled folder "
-            f"({len(loose)} images do); every image must be inside a class subfolder (data.labels)"
+            f"({len(loose)} image{'s' if len(loose) > 1 else ''} there); a class-conditional model (model.num_classes) "
+            f"or data.labels needs every image inside a class subfolder"
         )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     used = {Path(n).parts[0] for n in names}
