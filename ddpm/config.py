@@ -11,6 +11,7 @@ section alone is every argument of diffusers' UNet2DModel, so that a published a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,12 @@ class Config:
 # Loading and validating (the loading mechanism itself is ddpm.typed_config, shared by every job).
 
 
+def is_guidance_scale(value: float) -> bool:
+    """A classifier-free guidance scale: finite and non-negative (NaN or inf would sample black images and write
+    NaN into the scores; a negative scale pushes away from the class asked for)."""
+    return math.isfinite(value) and value >= 0
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), values: dict[str, Any] | None = None
 ) -> Config:
@@ -368,7 +375,8 @@ def validate_config(cfg: Config) -> None:
     need(0 < t.rollback_lr_factor <= 1, f"train.rollback_lr_factor must be in (0, 1], got {t.rollback_lr_factor}")
     need(0.0 <= t.label_dropout < 1.0, f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
     need(
-        t.sample_guidance_scale >= 0, f"train.sample_guidance_scale must be non-negative, got {t.sample_guidance_scale}"
+        is_guidance_scale(t.sample_guidance_scale),
+        f"train.sample_guidance_scale must be a non-negative number, got {t.sample_guidance_scale}",
     )
     need(
         m.num_classes != 0 or t.sample_guidance_scale == 1.0,

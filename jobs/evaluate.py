@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision, is_guidance_scale
 from ddpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class EvaluateConfig:
             raise ConfigError(f"--seed must be in 0..{2**31 // SEED_STRIDE - 1}, got {self.seed}")
         if self.num_images < 2:
             raise ConfigError(f"--num-images: FID/KID need at least 2 images, got {self.num_images}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"--guidance-scale must be non-negative, got {self.guidance_scale}")
+        if not is_guidance_scale(self.guidance_scale):
+            raise ConfigError(f"--guidance-scale must be a non-negative number, got {self.guidance_scale}")
         for key in ("steps", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")

@@ -57,6 +57,11 @@ class GenerateConfig:
             raise UserError(f"--scheduler: {self.scheduler!r} is not one of {', '.join(SAMPLERS)}")
         if any(not p.strip() for p in self.prompts):
             raise UserError("--prompt: an empty prompt")
+        from ddpm.config import is_guidance_scale
+
+        for flag, value in (("--guidance", self.guidance), ("--guidance-scale", self.guidance_scale)):
+            if not is_guidance_scale(value):
+                raise UserError(f"{flag} must be a non-negative number, got {value}")
 
     def out_dir(self) -> Path:
         if self.out:
@@ -109,7 +114,7 @@ def run(cfg: GenerateConfig) -> Path:
     if ddpm_loop:  # a label per seed for a class-conditional model; refused for an unconditional one
         labels = sampling_labels(pipe.unet, len(seeds), cfg.labels, class_names_of(pipe), cfg.guidance_scale)
     elif cfg.labels or cfg.guidance_scale != 1.0:
-        raise UserError(f"--labels/--guidance-scale: {type(pipe).__name__} is not a class-conditional DDPM pipeline")
+        raise UserError(f"--label/--guidance-scale: {type(pipe).__name__} is not a class-conditional DDPM pipeline")
 
     def images_of(prompt: str | None):
         if ddpm_loop:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision, is_guidance_scale
 from ddpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class SampleConfig:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"--guidance-scale must be non-negative, got {self.guidance_scale}")
+        if not is_guidance_scale(self.guidance_scale):
+            raise ConfigError(f"--guidance-scale must be a non-negative number, got {self.guidance_scale}")
 
     @property
     def out_dir(self) -> Path:

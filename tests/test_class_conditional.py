@@ -365,7 +365,16 @@ def test_bad_labels_and_guidance_fail_in_one_line(cond_run, tiny_run, tmp_path):
     one_line_error(cli(*sample, "--pipeline", str(cond_run / "pipeline"), "--label", "12"), "label 12", "out of range")
     one_line_error(cli(*sample, "--pipeline", str(tiny_run / "pipeline"), "--guidance-scale", "2"), "unconditional")
     one_line_error(cli(*sample, "--pipeline", str(tiny_run / "pipeline"), "--label", "3"), "unconditional")
+    cond = str(cond_run / "pipeline")
+    scores = cond_run / "scores.jsonl"
+    scored = scores.read_text() if scores.exists() else ""
+    for scale in ("nan", "inf", "-1"):  # NaN sampled black images, exited 0 and wrote NaN into scores.jsonl
+        one_line_error(cli(*sample, "--pipeline", cond, "--guidance-scale", scale), "--guidance-scale", "non-negative")
+        evaluate = ("evaluate", "--pipeline", cond, "--num-images", "2", "--guidance-scale", scale, "--no-wandb")
+        one_line_error(cli(*evaluate), "--guidance-scale", "non-negative")
+        one_line_error(cli("generate", "--model", cond, "--guidance-scale", scale), "--guidance-scale", "non-negative")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+    assert (scores.read_text() if scores.exists() else "") == scored  # no score was added
 
 
 def test_bad_label_sources_fail_in_one_line(tiny, tmp_path):

@@ -23,12 +23,13 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision, TrackingConfig
+from ddpm.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Precision, TrackingConfig, is_guidance_scale
 from ddpm.errors import ConfigError, UserError
 from ddpm.evaluation.evaluate import SEED_STRIDE, Scoring
 from ddpm.files import write_json
@@ -176,12 +177,13 @@ def validate_sweep(cfg: SweepConfig) -> None:
     for sigma_rel in cfg.ema_lengths:
         need(0 < sigma_rel < 0.289, f"ema_lengths: {sigma_rel} is not in (0, 0.289)")
     need(
-        bool(cfg.guidance_scales) and all(g >= 0 for g in cfg.guidance_scales),
-        f"guidance_scales: need at least one non-negative value, got {list(cfg.guidance_scales)}",
+        bool(cfg.guidance_scales) and all(g >= 0 and math.isfinite(g) for g in cfg.guidance_scales),
+        f"guidance_scales: need one value or more, each a non-negative number, got {list(cfg.guidance_scales)}",
     )
     need(
-        bool(cfg.class_guidance_scales) and all(g >= 0 for g in cfg.class_guidance_scales),
-        f"class_guidance_scales: need at least one non-negative value, got {list(cfg.class_guidance_scales)}",
+        bool(cfg.class_guidance_scales) and all(is_guidance_scale(g) for g in cfg.class_guidance_scales),
+        f"class_guidance_scales: need one value or more, each a non-negative number, got "
+        f"{list(cfg.class_guidance_scales)}",
     )
     need(
         bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),

@@ -15,6 +15,7 @@ model_index.json, `get_label_ids` from names.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
@@ -56,6 +57,8 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         items = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
         ids = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in items]
         null = self.unet.config.num_class_embeds - 1
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a non-negative number, got {guidance_scale}")
         if any(not 0 <= i < null for i in ids):
             raise ValueError(f"class labels must lie in 0..{null - 1}, got {ids}")
         labels = torch.tensor(ids, device=self.device)
