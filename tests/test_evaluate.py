@@ -191,3 +191,16 @@ def test_inception_features_and_fid_kid_from_a_checked_weights_file(tmp_path, mo
     assert inception_weights(sha256=sha) == bundled / WEIGHTS_FILE
     with pytest.raises(UserError, match="DDPM_OFFLINE=1 forbids the download"):
         inception_weights()  # a bundled file that fails the real checksum is not used
+
+
+def test_a_reference_or_metric_that_cannot_be_had_fails_before_sampling(random_pipeline, tmp_path):
+    """The README's evaluation samples 50,000 images with DDPM's 1,000 steps: hours lost if the error came after."""
+    env = {"DDPM_CACHE": str(tmp_path / "cache"), "DDPM_INCEPTION_URL": f"http://127.0.0.1:{_closed_port()}/x"}
+    common = ("evaluate", "--pipeline", str(random_pipeline), "--num-images", "4", "--no-wandb")
+    for args, says in (
+        (("--metric", "digitsnet", "--reference", f"folder:{tmp_path / 'nothing'}"), "does not exist"),
+        (("--metric", "inception", "--reference", "digits"), "FID/KID need the Inception weights"),
+    ):
+        r = cli(*common, *args, env=env)
+        assert r.returncode == 2 and says in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "sampling 4 images" not in r.stderr  # the progress bar of the sampling never started

@@ -217,6 +217,10 @@ class Evaluator:
 
         from ddpm.sampling.sample import save_images
 
+        if self.scoring.metric != "none" and is_ddpm(path):
+            # The metric's network and the reference first: a missing weight file or reference data fails in one
+            # line before hours of sampling, not after (the images come out at the UNet's sample_size).
+            self._reference_features(path, self._pipeline(path)[0].unet.config.sample_size)
         cuda = self.placement.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
