@@ -249,3 +249,14 @@ def test_an_unconditional_base_fine_tunes_into_a_class_conditional_model(tiny, t
     assert logged["loss"] == pytest.approx(first_batch_loss(cfg, base), rel=1e-5)
     unet = json.loads((cfg.run_dir / "pipeline" / "unet" / "config.json").read_text())
     assert unet["num_class_embeds"] == 11
+
+
+def test_a_base_with_damaged_weights_is_a_one_line_error(tiny, tiny_run, tmp_path):
+    base = tmp_path / "damaged"
+    shutil.copytree(tiny_run / "pipeline", base)
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # a download or copy cut short
+    result = cli("train", *finetune(tiny, base))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert f"model.init_from={base.resolve()}: cannot read the weights of" in error, error

@@ -71,7 +71,10 @@ def inception_weights(explicit: str = "", sha256: str = WEIGHTS_SHA256) -> Path:
     if bundled.is_file() and sha256_file(bundled) == sha256:
         return bundled
     url = os.environ.get("DDPM_INCEPTION_URL", WEIGHTS_URL)  # a mirror, for sites that block GitHub
-    how = f"copy {WEIGHTS_FILE} (SHA-256 {sha256[:16]}...) to {path} or pass --inception-weights PATH"
+    how = (  # both ways work for every job (ddpm train has no flag for it; evaluate and sweeps also take a path)
+        f"copy {WEIGHTS_FILE} (SHA-256 {sha256[:16]}...) to {path} or set DDPM_INCEPTION_WEIGHTS=PATH "
+        "(ddpm evaluate: --inception-weights PATH)"
+    )
     if os.environ.get("DDPM_OFFLINE") == "1":
         raise UserError(f"FID/KID need the Inception weights and DDPM_OFFLINE=1 forbids the download: {how}")
     try:

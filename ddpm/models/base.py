@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ddpm.config import DataConfig, ModelConfig, ScheduleConfig
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, UserError
 from ddpm.typed_config import build_config
 
 log = logging.getLogger(__name__)
@@ -272,13 +272,18 @@ def load_base_weights(model: ModelConfig) -> dict[str, torch.Tensor]:
     through diffusers for pipelines (which converts the attention names of old checkpoints such as Google's),
     the EMA weights of a checkpoint."""
     from diffusers import UNet2DModel
+    from safetensors import SafetensorError
 
     base = resolve_base(model.init_from, model.init_revision, expect_hash=model.init_hash, weights=True)
-    if base.kind == "checkpoint":
-        from safetensors.torch import load_file
+    try:
+        if base.kind == "checkpoint":
+            from safetensors.torch import load_file
 
-        return load_file(base.path / "ema.safetensors")
-    return UNet2DModel.from_pretrained(base.path / "unet").state_dict()
+            return load_file(base.path / "ema.safetensors")
+        return UNet2DModel.from_pretrained(base.path / "unet").state_dict()
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or damaged weights file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.init_from={model.init_from}: cannot read the weights of {base.path}: {reason}") from e
 
 
 def resolve_init(tree: dict[str, Any], run_dir: Path) -> dict[str, Any]:
