@@ -349,6 +349,27 @@ def test_a_guidance_sweep_has_a_cell_per_scale_and_plots_the_score_against_it(co
     assert (tmp_path / "sweeps" / "guidance" / "guidance-plot.png").is_file()
 
 
+def test_sweep_labels_go_to_the_class_conditional_models_only_and_are_checked_before_any_cell(
+    cond_run, tiny_run, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "ddpm"))
+    conf = tmp_path / "mixed.yaml"
+    tree = {
+        "models": [{"pipeline": str(tiny_run / "pipeline")}, {"pipeline": str(cond_run / "pipeline")}],
+        "schedulers": ["ddim"], "steps": [2], "num_images": 4, "metric": "none", "labels": ["zz"],
+        "out_dir": str(tmp_path / "sweeps"), "name": "mixed", "tracking": {"wandb": False},
+    }  # fmt: skip
+    conf.write_text(yaml.safe_dump(tree))
+    r = cli("sweep", "--config", str(conf))
+    one_line_error(r, "labels (model", "'zz' is not a class of the model")
+    assert not (tmp_path / "sweeps" / "mixed" / "cells").exists()  # refused at planning, before the first cell
+    conf.write_text(yaml.safe_dump({**tree, "labels": ["3"]}))
+    r = cli("sweep", "--config", str(conf))
+    assert r.returncode == 0, r.stderr  # the unconditional model was swept too, without labels
+    rows = json.loads((tmp_path / "sweeps" / "mixed" / "results.json").read_text())
+    assert len(rows) == 2 and [r.get("labels") for r in rows] == [None, "3"]
+
+
 # --------------------------------------------------------------------------------------
 # Bad input: one line naming the culprit, exit status 2.
 

@@ -208,9 +208,14 @@ class Cell:
     ema_length: float | None = None  # the sigma_rel of a post-hoc EMA model; None: the model's own weights
 
     @property
+    def class_conditional(self) -> bool:
+        """A class-conditional model's cell: guided, without a prompt (make_plan gives the others no guidance)."""
+        return self.prompt is None and self.guidance is not None
+
+    @property
     def id(self) -> str:
         text = f"-p{self.prompt_index}-g{self.guidance:g}" if self.prompt is not None else ""
-        classes = f"-cfg{self.guidance:g}" if self.prompt is None and self.guidance is not None else ""
+        classes = f"-cfg{self.guidance:g}" if self.class_conditional else ""
         return f"{self.model}/{self.scheduler}-{self.steps}steps-seed{self.seed}{text}{classes}"
 
 
@@ -276,8 +281,9 @@ def posthoc_models(models, ema_lengths: tuple[float, ...]) -> list[tuple[str, st
 
 
 def make_plan(cfg: SweepConfig) -> list[Cell]:
-    from ddpm.models.export import run_dir_of, saved_num_classes
+    from ddpm.models.export import run_dir_of, saved_class_names, saved_num_classes
     from ddpm.models.phema import reconstruction_settings
+    from ddpm.sampling.guidance import parse_labels
     from ddpm.sampling.pretrained import saved_takes_prompt
 
     cells = []
@@ -294,6 +300,7 @@ def make_plan(cfg: SweepConfig) -> list[Cell]:
             variants = [(p, j, g) for j, p in enumerate(cfg.prompts) for g in cfg.guidance_scales]
         elif saved_num_classes(path):
             variants = [(None, 0, g) for g in cfg.class_guidance_scales]
+            parse_labels(cfg.labels, saved_class_names(path), f"labels (model {label})")  # now, not hours in
         else:
             variants = [(None, 0, None)]
         ema_length = (reconstruction_settings(path) or {}).get("sigma_rel")

@@ -33,7 +33,7 @@ def cell_settings(cfg: SweepConfig, cell: Cell) -> dict[str, Any]:
         if cell.prompt is not None
         else {}
     )
-    if cell.prompt is None and cell.guidance is not None:  # a class-conditional model's cell
+    if cell.class_conditional:
         text = {"guidance": cell.guidance, "class_labels": list(cfg.labels)}  # the row says "labels" as scores do
     return {
         "cell": cell.id,
@@ -131,7 +131,7 @@ def run_cells(cfg: SweepConfig, cells: list[Cell]) -> tuple[int, int]:
                 out,
                 cell.prompt,
                 cell.guidance,
-                cfg.labels,
+                cfg.labels if cell.class_conditional else (),  # other models in the sweep take no labels
             )
             row = {**cell_settings(cfg, cell), **scores}
             _attach(cfg, cell, row, out)  # before row.json: a cell killed in between is redone, not lost to the run

@@ -59,6 +59,20 @@ def saved_num_classes(path: str | Path) -> int:
         return 0
 
 
+def saved_class_names(path: str | Path) -> list[str]:
+    """The class names of the class-conditional model saved at `path` (its pipeline's id2label, or a checkpoint's
+    run classes.json), read without loading weights; the ids "0".."n-1" where the names are not saved."""
+    p = Path(path)
+    n = saved_num_classes(p)
+    names = None
+    if (p / "manifest.json").is_file():
+        names = run_class_names(p.parent.parent)
+    elif (p / "model_index.json").is_file():
+        id2label = json.loads((p / "model_index.json").read_text()).get("id2label")
+        names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
+    return names if names and len(names) == n else [str(i) for i in range(n)]
+
+
 def export_pipeline(pipeline: DiffusionPipeline, out_dir: Path) -> Path:
     """Save atomically: written beside the target, then swapped in, so a reader never sees half a pipeline. Weights
     that hold a NaN or inf are refused in one line, and the export already there stays."""
