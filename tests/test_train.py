@@ -222,9 +222,11 @@ def test_a_run_directory_held_by_a_live_process_is_refused(tiny):
     assert pipeline.is_dir()
 
 
-def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tiny):
-    """A real signal to a real training process: it checkpoints at the next log step and exits with 3."""
-    overrides = tiny("train.max_steps=2000", "train.log_every=1", "train.checkpoint_every=1000", name="sigterm")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_writes_a_checkpoint_and_exits_with_3(tiny, sig):
+    """A real signal to a real training process: it checkpoints at the next log step and exits with 3. A first
+    Ctrl-C of a single-process run does the same (it lost every step since the last checkpoint before)."""
+    overrides = tiny("train.max_steps=2000", "train.log_every=1", "train.checkpoint_every=1000", name=sig.name)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "train", *overrides],
         cwd=ROOT,
@@ -237,9 +239,10 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tiny):
     deadline = time.time() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out[-2000:]
+    assert f"on request ({sig.name})" in out and ("Ctrl-C again stops now" in out) == (sig == signal.SIGINT)
     saved = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and 3 <= int(saved[0].name[5:]) < 2000
     assert not (cfg.run_dir / "lock.json").exists()

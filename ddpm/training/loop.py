@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -65,16 +66,17 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 class StopRequest:
     """SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption) asks for a checkpoint and a
-    clean exit."""
+    clean exit. So does a first Ctrl-C (SIGINT) of a single-process run, which would otherwise lose every step since
+    the last checkpoint; a second one stops at once (Python's KeyboardInterrupt)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interactive: bool = False) -> None:
         self.requested = False
         self.signal_name = ""
+        self.interactive = interactive  # SIGINT too: one process, started from a terminal or a script
 
     def install(self) -> None:
-        self._previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-        }
+        signals = [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2] + ([signal.SIGINT] if self.interactive else [])
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -82,6 +84,14 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested, self.signal_name = True, signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C: KeyboardInterrupt
+            print(
+                "\nCtrl-C: writing a checkpoint at the next log step (train.log_every), then stopping; "
+                "Ctrl-C again stops now and loses the steps since the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def train(cfg: Config) -> Path | None:
@@ -94,7 +104,8 @@ def train(cfg: Config) -> Path | None:
         if accelerator.is_main_process:
             lock.acquire()
         accelerator.wait_for_everyone()
-        stop = StopRequest()
+        # Ctrl-C is a stop request where one process runs; under a launcher of several, the launcher owns it.
+        stop = StopRequest(interactive=accelerator.num_processes == 1)
         stop.install()
         try:
             return _train(cfg, accelerator, lock, stop)
