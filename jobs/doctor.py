@@ -15,6 +15,10 @@ from ddpm.errors import UserError
 class DoctorConfig:
     expect_gpus: int = 0  # fail when fewer usable GPUs are visible (0: no expectation)
 
+    def validate(self) -> None:
+        if self.expect_gpus < 0:
+            raise UserError(f"--expect-gpus must be non-negative, got {self.expect_gpus}")
+
 
 CONFIG = DoctorConfig
 
@@ -22,6 +26,7 @@ CONFIG = DoctorConfig
 def run(cfg: DoctorConfig) -> list:
     from ddpm.environment import checks
 
+    cfg.validate()
     found = checks(cfg.expect_gpus)
     print("\n".join(c.line() for c in found), flush=True)
     failed = [c for c in found if c.status == "fail"]

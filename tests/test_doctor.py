@@ -61,6 +61,12 @@ def test_expected_gpus_that_are_missing_fail_in_one_line():
     assert "fail  GPUs" in r.stdout
 
 
+def test_a_negative_gpu_count_is_refused_before_any_check():
+    r = cli("doctor", "--expect-gpus", "-1")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["ddpm doctor: error: --expect-gpus must be non-negative, got -1"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without GPUs")
 def test_a_gpu_training_task_without_usable_gpus_fails_before_any_work(tmp_path):
     """A GPU profile's training task refuses to fall back to the CPU: one line, before the process group or the

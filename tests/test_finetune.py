@@ -260,3 +260,9 @@ def test_a_base_with_damaged_weights_is_a_one_line_error(tiny, tiny_run, tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
     assert f"model.init_from={base.resolve()}: cannot read the weights of" in error, error
+
+
+def test_a_run_directory_as_the_base_names_its_export_and_checkpoints(tiny, tiny_run):
+    result = cli("train", "--dry-run", *finetune(tiny, tiny_run))
+    error = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and f"give its export {tiny_run.resolve() / 'pipeline'}" in error, error

@@ -189,7 +189,10 @@ def test_ddpm_ema_exports_a_plain_pipeline_with_its_sigma_rel(tiny, tmp_path):
     rec = reconstruct(list_snapshots(snapshot_dir(cfg.run_dir)), [0.08])
     exported = pipe.unet.state_dict()
     assert all(torch.equal(exported[n], w) for n, w in rec.weights[0.08].items())
-    assert "post-hoc EMA, sigma_rel 0.08" in model_card(out, "someone/tiny")
+    card = model_card(out, "someone/tiny")
+    assert "post-hoc EMA, sigma_rel 0.08" in card
+    assert "samples.png" not in card  # the run's final grid was drawn by the classic EMA's weights, not these
+    assert "samples.png" in model_card(cfg.run_dir / "pipeline", "someone/tiny")
     # at another step, and into a folder of one's choice
     result = cli("ema", "--run", str(cfg.run_dir), "--sigma-rel", "0.1", "--step", "4", "--out", str(tmp_path / "e"))
     assert result.returncode == 0 and json.loads((tmp_path / "e" / "ema.json").read_text())["step"] == 4

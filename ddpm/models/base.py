@@ -139,9 +139,12 @@ def _check_index(index: Path, shown: str) -> None:
 
 def _pipeline_base(path: Path, kind: str, source: str, hash_of) -> Base:
     if not (path / "model_index.json").is_file():
+        hint = ""
+        if (path / "config.yaml").is_file():  # a run directory: its export, or one of its checkpoints
+            hint = f"; a training run: give its export {path / 'pipeline'} or a checkpoint in {path / 'checkpoints'}"
         raise ConfigError(
             f"model.init_from={source}: not a pipeline directory (no model_index.json) nor a checkpoint "
-            "(no manifest.json)"
+            f"(no manifest.json){hint}"
         )
     _check_index(path / "model_index.json", source)
     try:

@@ -25,8 +25,11 @@ from ddpm.models.phema import reconstruction_settings
 from ddpm.sampling.sample import sampler_recipe
 
 
-def final_grid(run_dir: Path) -> Path | None:
-    """The sample grid the run ended with (summary.json names it)."""
+def final_grid(run_dir: Path, pipeline: Path | None = None) -> Path | None:
+    """The sample grid the run ended with (summary.json names it). Given the pipeline being published: only when it
+    is the run's own export, whose weights drew that grid (not a checkpoint's or a post-hoc EMA's)."""
+    if pipeline is not None and Path(pipeline).resolve() != (Path(run_dir) / "pipeline").resolve():
+        return None
     try:
         grid = Path(json.loads((run_dir / "summary.json").read_text())["grid"])
     except (OSError, ValueError, KeyError):
@@ -186,7 +189,7 @@ def model_card(pipeline: Path, repo_id: str, license: str = "mit") -> str:
             "of training labels dropped to it.",
             "",
         ]
-    if final_grid(run_dir):
+    if final_grid(run_dir, pipeline):
         t = cfg.get("train", {})
         lines += [
             "![samples](samples.png)",
@@ -289,6 +292,6 @@ def stage(pipeline: Path, repo_id: str, out: Path, license: str = "mit") -> list
     (out / "README.md").write_text(model_card(pipeline, repo_id, license))
     if (run_dir / "config.yaml").is_file():
         shutil.copy(run_dir / "config.yaml", out / "training_config.yaml")
-    if final_grid(run_dir):
-        shutil.copy(final_grid(run_dir), out / "samples.png")
+    if final_grid(run_dir, pipeline):
+        shutil.copy(final_grid(run_dir, pipeline), out / "samples.png")
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
