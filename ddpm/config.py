@@ -383,6 +383,11 @@ def validate_config(cfg: Config) -> None:
         f"train.sample_guidance_scale={t.sample_guidance_scale}: guidance needs a class-conditional model "
         "(model.num_classes)",
     )
+    need(
+        t.label_dropout > 0 or t.sample_guidance_scale == 1.0,
+        f"train.sample_guidance_scale={t.sample_guidance_scale} with train.label_dropout=0: guidance mixes in the "
+        "unconditional prediction, which a model trained without dropped labels never learns",
+    )
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
     need(t.eval_reference_images >= 2, f"train.eval_reference_images must be at least 2, got {t.eval_reference_images}")
     need(

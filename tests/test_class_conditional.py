@@ -419,6 +419,8 @@ def test_bad_label_sources_fail_in_one_line(tiny, tmp_path):
     one_line_error(
         cli("train", *tiny("train.sample_guidance_scale=2")), "train.sample_guidance_scale", "class-conditional model"
     )
+    no_dropout = ("model.num_classes=10", "train.label_dropout=0", "train.sample_guidance_scale=2")
+    one_line_error(cli("train", "--dry-run", *tiny(*no_dropout)), "train.label_dropout=0", "never learns")
     with pytest.raises(UserError, match="no class names"):
         write_shards(
             DataConfig(source="folder", path=str(folder), shard_size=4), tmp_path / "plain", show_progress=False

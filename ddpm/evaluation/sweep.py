@@ -270,13 +270,15 @@ def posthoc_models(models, ema_lengths: tuple[float, ...]) -> list[tuple[str, st
     from ddpm.models.phema import export_reconstruction, list_snapshots, snapshot_dir
 
     found: dict[str, str] = {}
-    for _, path in models if ema_lengths else ():
+    for label, path in models if ema_lengths else ():
         run_dir, step = run_dir_of(path), model_step(path)
         at = [s.step for s in list_snapshots(snapshot_dir(run_dir)) if step is not None and s.step <= step]
+        if not at:
+            log.info("ema_lengths: %s has no EMA snapshot up to its step; swept with its own weights only", label)
         for sigma_rel in ema_lengths if at else ():
-            label = f"{run_dir.name}/ema-step-{max(at):08d}-sigma_rel-{sigma_rel:g}"
-            if label not in found:
-                found[label] = str(export_reconstruction(run_dir, sigma_rel, max(at)).resolve())
+            ema_label = f"{run_dir.name}/ema-step-{max(at):08d}-sigma_rel-{sigma_rel:g}"
+            if ema_label not in found:
+                found[ema_label] = str(export_reconstruction(run_dir, sigma_rel, max(at)).resolve())
     return list(found.items())
 
 
