@@ -54,6 +54,14 @@ def _append(path: str, text: str) -> None:
         f.write("\n" + text + "\n")
 
 
+def _publish(cfg: BenchConfig, text: str) -> None:
+    """Print a report, and append it to cfg.out when set."""
+    print(text, flush=True)
+    if cfg.out:
+        _append(cfg.out, text)
+        print(f"appended to {cfg.out}")
+
+
 def run(cfg: BenchConfig) -> dict:
     """Every stage, each in its own child process; prints the report and appends it to cfg.out when set."""
     import torch
@@ -86,19 +94,11 @@ def run(cfg: BenchConfig) -> dict:
         # uses on a CPU evaluation (128, the default sampler's 25 steps), or 256 on a GPU.
         batch, steps, repeats = (4, 2, 1) if q else (256 if gpu else 128, DEFAULT_STEPS, 3)
         results["guidance"] = in_child(stage_guidance, cfg.guidance_config, 10, batch, steps, repeats)
-        text = guidance_report(results)
-        print(text, flush=True)
-        if cfg.out:
-            _append(cfg.out, text)
-            print(f"appended to {cfg.out}")
+        _publish(cfg, guidance_report(results))
         return results
     if cfg.sampling:
         results["sampling"] = _sampling(cfg, workdir)
-        text = sampling_report(results)
-        print(text, flush=True)
-        if cfg.out:
-            _append(cfg.out, text)
-            print(f"appended to {cfg.out}")
+        _publish(cfg, sampling_report(results))
         return results
     folder = workdir / "images"
     make_images(folder, 64 if q else 512)

@@ -43,15 +43,17 @@ def ablation_report(rows: list[dict], with_compile: bool) -> str:
     return "\n".join(lines)
 
 
+def _head(r: dict) -> list[str]:
+    """A section's heading lines: the date and machine, the command that made it."""
+    quick = " (quick mode: sizes too small for speed claims)" if r["quick"] else ""
+    return [f"### {r['date']}: {r['machine']}", "", f"Command: `{r['command']}`" + quick, ""]
+
+
 def report(r: dict) -> str:
     """The results of a full run (see bench.__main__.run) as a markdown section."""
     ref, ours, data, smp = r["reference"], r["ours"], r["data"], r["sampling"]
-    quick = " (quick mode: sizes too small for speed claims)" if r["quick"] else ""
     lines = [
-        f"### {r['date']}: {r['machine']}",
-        "",
-        f"Command: `{r['command']}`" + quick,
-        "",
+        *_head(r),
         "| figure | tutorial way | this project | ratio |",
         "|---|---|---|---|",
         f"| training, tutorial UNet 32 px, img/s (median of windows) | {ref['img_s']:.1f} | {ours['img_s']:.1f} "
@@ -84,9 +86,7 @@ def report(r: dict) -> str:
 
 def sampling_report(r: dict) -> str:
     """The results of `python -m bench --sampling` as a markdown section."""
-    quick = " (quick mode: sizes too small for speed claims)" if r["quick"] else ""
-    head = [f"### {r['date']}: {r['machine']}", "", f"Command: `{r['command']}`" + quick, ""]
-    return "\n".join(head + _sampling_table(r["sampling"]))
+    return "\n".join(_head(r) + _sampling_table(r["sampling"]))
 
 
 def _sampling_table(smp: dict) -> list[str]:
@@ -114,12 +114,8 @@ def _sampling_table(smp: dict) -> list[str]:
 def guidance_report(r: dict) -> str:
     """The results of `python -m bench --guidance` as a markdown section."""
     g = r["guidance"]
-    quick = " (quick mode: sizes too small for speed claims)" if r["quick"] else ""
     lines = [
-        f"### {r['date']}: {r['machine']}",
-        "",
-        f"Command: `{r['command']}`" + quick,
-        "",
+        *_head(r),
         f"Sampling speed of the `{g['config']}` UNet (fresh weights: speed does not depend on them) without and with "
         f"a class embedding of {g['num_classes']} classes: {g['batch']} images in one batch, {g['steps']} steps of "
         f"{g['sampler']}, {g['precision']}, {g['threads']} torch thread(s), median of {g['repeats']} interleaved "
