@@ -459,37 +459,30 @@ def test_a_sweep_shard_in_a_container_requeues_from_the_host_side_and_skips_its_
     assert len(rows) == 6
 
 
+def submit_training_grid(runs: Path, tmp_path: Path, *overrides: str):
+    """`ddpm submit train` of a grid (comma lists in `overrides`) on one node of the local cluster, waited for: 20
+    steps, a checkpoint every 10, scored with FD-digitsnet. Returns (the grid's runs_dir, the finished process)."""
+    grid_runs = tmp_path / "runs"
+    r = run_cli(
+        "submit", "train", "--cluster", "local", "--nodes", "1", "--wait", f"runs_dir={grid_runs}",
+        f"data.cache_dir={runs.parent / 'cache'}", *TRAIN, "train.max_steps=20", "train.checkpoint_every=10",
+        "train.eval_metric=digitsnet", *overrides,
+        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")}, timeout=900,
+    )  # fmt: skip
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return grid_runs, r
+
+
 def test_a_training_grid_is_one_array_of_scored_runs_grouped_in_wandb_and_compared(runs, tmp_path):
     """2 learning rates x 2 batch sizes: one array, a run directory and W&B run per point with its scores, then one
     report of the four runs."""
     from tests import wandb_files
 
-    grid_runs = tmp_path / "runs"
-    r = run_cli(
-        "submit",
-        "train",
-        "--cluster",
-        "local",
-        "--nodes",
-        "1",
-        "--wait",
-        "name=grid",
-        f"runs_dir={grid_runs}",
-        f"data.cache_dir={runs.parent / 'cache'}",
-        *TRAIN,
-        "train.max_steps=20",
-        "train.checkpoint_every=10",
-        "train.eval_every=10",
-        "train.eval_images=16",
-        "train.eval_metric=digitsnet",
-        "tracking.wandb=true",
-        "optim.lr=1e-4,1e-3",
-        "train.batch_size=8,16",
-        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")},
-        timeout=900,
-    )
-    print(r.stdout, r.stderr)
-    assert r.returncode == 0, r.stdout + r.stderr
+    grid_runs, r = submit_training_grid(
+        runs, tmp_path, "name=grid", "train.eval_every=10", "train.eval_images=16", "tracking.wandb=true",
+        "optim.lr=1e-4,1e-3", "train.batch_size=8,16",
+    )  # fmt: skip
     array = job_ids(r.stdout)["training grid array (4 runs)"]
     grid = json.loads((grid_runs / "grid-grid" / "grid.json").read_text())
     assert grid["array_job"] == array
@@ -524,32 +517,10 @@ def test_a_training_grid_is_one_array_of_scored_runs_grouped_in_wandb_and_compar
 def test_a_class_conditional_training_grid_runs_scores_class_accuracy_and_exports_for_plain_diffusers(runs, tmp_path):
     """2 label dropouts of a class-conditional model: one array, each run scored class-balanced with its class
     accuracy at the grids' guidance scale, exported with its pipeline code, and compared by guidance scale."""
-    grid_runs = tmp_path / "runs"
-    r = run_cli(
-        "submit",
-        "train",
-        "--cluster",
-        "local",
-        "--nodes",
-        "1",
-        "--wait",
-        "name=cond",
-        f"runs_dir={grid_runs}",
-        f"data.cache_dir={runs.parent / 'cache'}",
-        *TRAIN,
-        "train.max_steps=20",
-        "train.checkpoint_every=10",
-        "train.eval_every=20",
-        "train.eval_images=20",
-        "train.eval_metric=digitsnet",
-        "model.num_classes=auto",
-        "train.sample_guidance_scale=2",
-        "train.label_dropout=0.1,0.5",
-        env={"DDPM_CACHE": str(runs.parent / "ddpm-cache")},
-        timeout=900,
-    )
-    print(r.stdout, r.stderr)
-    assert r.returncode == 0, r.stdout + r.stderr
+    grid_runs, _ = submit_training_grid(
+        runs, tmp_path, "name=cond", "train.eval_every=20", "train.eval_images=20", "model.num_classes=auto",
+        "train.sample_guidance_scale=2", "train.label_dropout=0.1,0.5",
+    )  # fmt: skip
     grid = json.loads((grid_runs / "cond-grid" / "grid.json").read_text())
     assert len(grid["points"]) == 2
     for point in grid["points"]:
