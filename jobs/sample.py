@@ -70,8 +70,9 @@ GRID_IMAGES = 64  # grid.png shows the first 64 images (a grid of 50,000 would b
 
 
 def stale_images(out: Path, seeds: list[int]) -> list[Path]:
-    """The images an earlier `ddpm sample` left in `out` (it wrote settings.json) that this one will not overwrite:
-    another model's, or seeds past this run's last. A folder that ddpm sample did not write is never cleared."""
+    """The images an earlier `ddpm sample` left in `out` (it wrote settings.json) under seeds this one does not
+    write, which would otherwise sit beside this run's as if they were its own; the seeds it writes are overwritten.
+    A folder that ddpm sample did not write is never cleared."""
     if not (out / "settings.json").is_file():
         return []
     keep = {f"seed-{s:06d}.png" for s in seeds}
